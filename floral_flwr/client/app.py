@@ -1,0 +1,35 @@
+"""The ClientApp: routes Flower messages to :mod:`floral_flwr.client.handlers`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from floral_flwr.client import handlers
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; ``overrides`` are merged over the run config (tests with ``run_simulation``,
+    whose run config is empty)."""
+    app = ClientApp()
+    extra = dict(overrides or {})
+
+    def _cfg(context: Context) -> dict[str, Any]:
+        # Flower forbids changing context.run_config, so the merged config is passed along
+        return {**dict(context.run_config), **extra}
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handlers.handle_train(msg, context, _cfg(context))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handlers.handle_evaluate(msg, context, _cfg(context))
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handlers.handle_query(msg, context, _cfg(context))
+
+    return app

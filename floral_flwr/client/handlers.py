@@ -1,0 +1,248 @@
+"""What the ClientApp does for each message: train, evaluate, query.
+
+The heavy objects (task data, the model) are built once per process and cached by config, so a
+simulation's Ray actor or a SuperNode's ClientApp process re-uses them across rounds; every call
+then overwrites the model's whole state (shared from the message, private from the store), so the
+cache never leaks one client's state into another's.
+
+Private state (the mixture, local adaptors) is restored from ``context.state`` and, when a
+state directory is configured, from disk (see :mod:`floral_flwr.client.state_store`). It never
+goes into a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from floral_flwr.client.state_store import StateDir
+from floral_flwr.client.training import evaluate_local, seed_for, train_local
+from floral_flwr.config import RunConfig, parse_run_config
+from floral_flwr.methods import ModelHandle, build_handle, check_method_task
+from floral_flwr.tasks import get_task
+
+logger = logging.getLogger("floral_flwr")
+
+STATE_KEY = "floral.private"
+STATE_META_KEY = "floral.private.meta"
+
+
+@dataclass
+class ClientSetup:
+    cfg: RunConfig
+    task: Any
+    handle: ModelHandle
+    device: torch.device
+
+
+_SETUPS: dict[tuple, ClientSetup] = {}
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("run config 'device' = 'cuda' but CUDA is not available on this node")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def client_identity(context: Context) -> tuple[int, int]:
+    """(client id, number of clients) of this node, from its node config."""
+    nc = context.node_config
+    if "partition-id" in nc and "num-partitions" in nc:
+        return int(nc["partition-id"]), int(nc["num-partitions"])
+    raise ValueError(
+        "node config lacks 'partition-id'/'num-partitions': start the SuperNode with "
+        "--node-config \"partition-id=K num-partitions=N\""
+    )
+
+
+def get_setup(context: Context, run_config: Mapping[str, Any] | None = None) -> ClientSetup:
+    """The (cached) task, model handle and device for this run config and node."""
+    cfg = parse_run_config(context.run_config if run_config is None else run_config)
+    _, num_clients = client_identity(context)
+    data_dir = str(context.node_config.get("data-dir", "") or cfg.data_dir) or None
+    data_path = str(context.node_config.get("data-path", "")) or None
+    key = (tuple(sorted(cfg.to_dict().items())), num_clients, data_dir, data_path)
+    setup = _SETUPS.get(key)
+    if setup is None:
+        task = get_task(cfg.task, num_clients=num_clients, seed=cfg.seed, data_dir=data_dir, data_path=data_path)
+        check_method_task(cfg, task.num_clusters)
+        device = _device(cfg)
+        handle = build_handle(cfg, task.build_model)
+        handle.module.to(device)
+        handle._initial_private = handle.private_state_dict()
+        setup = ClientSetup(cfg, task, handle, device)
+        _SETUPS.clear()  # one config per process at a time: bounded memory
+        _SETUPS[key] = setup
+    return setup
+
+
+# ----------------------------------------------------------------------------- private state
+
+
+def _state_dir(context: Context, cfg: RunConfig, client_id: int, config: ConfigRecord) -> str | None:
+    """Where this client's private state lives on disk, or None (memory only).
+
+    The node's own ``state-dir`` (deployment) wins; otherwise, with ``persist-client-state``,
+    the directory the server suggests for simulation (inside the run's output folder).
+    """
+    root = context.node_config.get("state-dir")
+    if root:
+        return os.path.join(str(root), f"client-{client_id}")
+    if cfg.persist_client_state and config.get("client-state-dir"):
+        return os.path.join(str(config["client-state-dir"]), f"client-{client_id}")
+    return None
+
+
+def restore_private(setup: ClientSetup, context: Context, store: StateDir | None, server_round: int) -> None:
+    """Load the newest private state saved before ``server_round`` (memory, then disk)."""
+    handle = setup.handle
+    handle.reset_private()
+    if setup.cfg.method == "floral-oracle":
+        cluster = setup.task.cluster_of(client_identity(context)[0])
+        handle.floral.set_oracle(int(cluster))
+        return
+    best: tuple[int, dict[str, torch.Tensor]] | None = None
+    if STATE_KEY in context.state.array_records:
+        rnd = int(context.state.config_records[STATE_META_KEY]["round"])
+        if rnd < server_round:
+            best = (rnd, context.state.array_records[STATE_KEY].to_torch_state_dict())
+    if store is not None:
+        on_disk = store.load(before_round=server_round)
+        if on_disk is not None and (best is None or on_disk.round > best[0]):
+            best = (on_disk.round, on_disk.tensors)
+    if best is None:
+        return
+    try:
+        handle.load_private_state_dict({k: v.to(setup.device) for k, v in best[1].items()})
+    except (ValueError, RuntimeError) as exc:
+        logger.warning("stored private state does not fit this model (%s): starting fresh", exc)
+        handle.reset_private()
+
+
+def save_private(setup: ClientSetup, context: Context, store: StateDir | None, server_round: int) -> None:
+    state = setup.handle.private_state_dict()
+    if not state:
+        return
+    context.state[STATE_KEY] = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state.items()})
+    context.state[STATE_META_KEY] = ConfigRecord({"round": int(server_round)})
+    if store is not None:
+        try:
+            store.save(state, server_round)
+        except OSError as exc:
+            logger.warning("could not write private state to %s (%s): kept in memory only", store.root, exc)
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def _load_shared(setup: ClientSetup, msg: Message) -> None:
+    record = msg.content["arrays"]
+    state = {k: torch.from_numpy(np.array(a.numpy(), copy=True)).to(setup.device) for k, a in record.items()}
+    setup.handle.load_shared_state_dict(state)
+
+
+def _shared_record(handle: ModelHandle) -> ArrayRecord:
+    out = {}
+    for k, v in handle.shared_state_dict().items():
+        t = v.detach().cpu()
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t = t.float()  # bf16/fp16 cannot go through numpy; the wire format is float32
+        out[k] = Array(t.numpy())
+    return ArrayRecord(out)
+
+
+def _mixture_weights(handle: ModelHandle, n: int) -> list[float]:
+    p = handle.mixture()
+    return [float(n) * v for v in p] if p else []
+
+
+def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
+    setup = get_setup(context, run_config)
+    cfg = setup.cfg
+    cid, _ = client_identity(context)
+    config = msg.content["config"]
+    rnd = int(config["server-round"])
+    store = None
+    root = _state_dir(context, cfg, cid, config)
+    if root is not None:
+        store = StateDir(root, setup.handle.kind())
+    _load_shared(setup, msg)
+    restore_private(setup, context, store, rnd)
+    data = setup.task.client_data(cid)
+    torch.manual_seed(seed_for(cfg.seed, rnd, cid))  # mixture noise, dropout
+    result = train_local(
+        setup.handle,
+        data.train_x,
+        data.train_y,
+        setup.task.loss_fn,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        mixture_lr=0.0 if cfg.method == "floral-oracle" else cfg.mixture_lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        generator_seed=seed_for(cfg.seed, rnd, cid) + 1,
+        device=setup.device,
+    )
+    save_private(setup, context, store, rnd)
+    metrics: dict[str, Any] = {
+        "num-examples": result.num_examples,
+        "train-loss": result.loss,
+        "client-id": cid,
+    }
+    if setup.handle.num_adaptors:
+        metrics["adaptor-weights"] = _mixture_weights(setup.handle, result.num_examples)
+    content = RecordDict({"arrays": _shared_record(setup.handle), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
+    setup = get_setup(context, run_config)
+    cfg = setup.cfg
+    cid, _ = client_identity(context)
+    config = msg.content["config"]
+    rnd = int(config["server-round"])
+    root = _state_dir(context, cfg, cid, config)
+    store = StateDir(root, setup.handle.kind()) if root is not None else None
+    _load_shared(setup, msg)
+    # evaluation after round r uses the state saved in round r
+    restore_private(setup, context, store, rnd + 1)
+    data = setup.task.client_data(cid)
+    loss, value, n = evaluate_local(
+        setup.handle, data.test_x, data.test_y, setup.task.loss_fn, setup.task.metric, device=setup.device
+    )
+    cluster = setup.task.cluster_of(cid)
+    metrics: dict[str, Any] = {
+        "num-examples": n,
+        "loss": loss,
+        setup.task.metric: value,
+        "client-id": cid,
+        "true-cluster": -1 if cluster is None else int(cluster),
+    }
+    mix = setup.handle.mixture()
+    if mix:
+        metrics["mixture"] = mix
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
+    """Discovery: the server learns this node's client id and train-set size."""
+    setup = get_setup(context, run_config)
+    cid, _ = client_identity(context)
+    data = setup.task.client_data(cid)
+    cluster = setup.task.cluster_of(cid)
+    metrics = {
+        "client-id": cid,
+        "num-train-examples": data.num_train,
+        "true-cluster": -1 if cluster is None else int(cluster),
+    }
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,150 @@
+"""A client's private state: in ``context.state`` and, optionally, on the node's disk.
+
+What a method keeps local (FLoRAL: the mixture logits; local adaptors, local statistics, ...)
+is a flat ``dict[str, torch.Tensor]``. It lives in ``context.state`` for the run (Flower keeps
+that in memory) and, when a state directory is configured, in a file that survives SuperNode
+restarts and new runs:
+
+- Safe format: a ``.npz`` written and read with ``allow_pickle=False`` plus a JSON header;
+  nothing is ever unpickled.
+- Atomic: written to a temporary file in the same directory, fsynced, then ``os.replace``d.
+- Checked: the header holds a SHA-256 over the arrays and each array's shape/dtype, and the
+  state's *kind* (a string naming method + model shapes). A corrupt, truncated or foreign file
+  is reported with a warning and the client starts fresh instead of crashing or using garbage.
+- Versioned by round: the state saved after round t is ``round-<t>``; training round t loads the
+  newest version saved before t. A run killed mid-round and resumed therefore restarts each
+  client from exactly the state the uninterrupted run would have used. The two newest versions
+  are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("floral_flwr")
+
+_FILE_RE = re.compile(r"^round-(\d{6})\.npz$")
+KEEP_VERSIONS = 2
+
+
+@dataclass
+class PrivateState:
+    """A loaded private state and the round after which it was saved."""
+
+    tensors: dict[str, torch.Tensor]
+    round: int
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(key.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().to("cpu").numpy().copy() for k, v in tensors.items()}
+
+
+class StateDir:
+    """Private state files of one client in ``root`` (created on first save)."""
+
+    def __init__(self, root: str | os.PathLike, kind: str) -> None:
+        self.root = Path(root)
+        self.kind = kind
+
+    def _versions(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _FILE_RE.match(p.name)
+            if m:
+                out.append((int(m.group(1)), p))
+        return sorted(out)
+
+    def save(self, tensors: dict[str, torch.Tensor], server_round: int) -> Path:
+        """Atomically write the state saved after ``server_round``; prune old versions."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        arrays = to_numpy(tensors)
+        header = {
+            "kind": self.kind,
+            "round": int(server_round),
+            "sha256": _digest(arrays),
+            "arrays": {k: [str(a.dtype), list(a.shape)] for k, a in arrays.items()},
+        }
+        buf = io.BytesIO()
+        np.savez(buf, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+        target = self.root / f"round-{server_round:06d}.npz"
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        for _, old in self._versions()[:-KEEP_VERSIONS]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def load(self, before_round: int | None = None) -> PrivateState | None:
+        """Newest valid state saved before ``before_round`` (any round when None)."""
+        for rnd, path in reversed(self._versions()):
+            if before_round is not None and rnd >= before_round:
+                continue
+            state = self._read(path)
+            if state is not None:
+                return state
+        return None
+
+    def _read(self, path: Path) -> PrivateState | None:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(bytes(z["__header__"]).decode())
+                arrays = {k: z[k] for k in z.files if k != "__header__"}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as exc:
+            logger.warning("private state %s is unreadable (%s): ignoring it, starting fresh", path, exc)
+            return None
+        if header.get("kind") != self.kind:
+            logger.warning(
+                "private state %s belongs to %r, not %r (another method/model): ignoring it",
+                path, header.get("kind"), self.kind,
+            )
+            return None
+        shapes = {k: [str(a.dtype), list(a.shape)] for k, a in arrays.items()}
+        if shapes != header.get("arrays") or _digest(arrays) != header.get("sha256"):
+            logger.warning("private state %s fails its checksum/shape check: ignoring it, starting fresh", path)
+            return None
+        return PrivateState({k: torch.from_numpy(a) for k, a in arrays.items()}, int(header["round"]))
+
+
+def check_writable(root: str | os.PathLike) -> None:
+    """Raise a clear error if a state directory cannot be created or written."""
+    path = Path(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise PermissionError(f"state-dir '{path}' is not writable: {exc}") from exc

@@ -1,0 +1,104 @@
+"""Task suite of floral-flwr (contracts.md §3): data partitions, models, loss/metric, true clusters
+and the paper's presets. Plain PyTorch + numpy + scikit-learn + flwr-datasets; no ``flwr``.
+
+```python
+from floral_flwr.tasks import get_task, TASK_NAMES
+task = get_task("digits-label-shift", num_clients=20, seed=0)
+data = task.client_data(3)          # ClientData(train_x, train_y, test_x, test_y)
+model = task.build_model()
+```
+
+Tasks (``TASK_NAMES``):
+
+* ``synthetic-linear``, ``synthetic-mlp`` (+ ``-simple``, ``-bn``): the paper's generator
+  (``floral_flwr.tasks.synthetic``), regression, metric ``"mse"``.
+* ``digits-rotate``, ``digits-label-shift``: scikit-learn digits, offline (``.digits``).
+* ``mnist-rotate``, ``mnist-label-shift``, ``cifar10-rotate``, ``cifar10-label-shift``,
+  ``cifar100`` (+ ``cifar100-bn``, ``cifar100-gn`` VGG-8 norm variants), each also ``-reduced``
+  (5 % of each client's training data, seeded, min 10): Hugging Face image datasets from local
+  parquet files (``data_dir``) or the hub (``.images``; data layout documented there).
+
+``get_task(name, num_clients=20, seed=0, data_dir=None, data_path=None, **options)``:
+``num_clients=None`` means the paper's K (``task.defaults["num-clients"]``). Options may be given
+with run-config spelling (``num-clusters``) or python spelling (``num_clusters``); unknown
+options, tasks or out-of-range values raise ``ValueError`` naming the key and allowed values.
+Tasks are cached per process by (name, num_clients, seed, data_dir, data_path, options).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .base import RUN_CONFIG_KEYS, ClientData, Task
+from .digits import DIGITS_NAMES
+from .synthetic import SYNTHETIC_NAMES
+
+_IMAGE_BASE = ("mnist-rotate", "mnist-label-shift", "cifar10-rotate", "cifar10-label-shift",
+               "cifar100", "cifar100-bn", "cifar100-gn")
+IMAGE_NAMES = tuple(n for b in _IMAGE_BASE for n in (b, b + "-reduced"))
+
+TASK_NAMES: tuple[str, ...] = SYNTHETIC_NAMES + DIGITS_NAMES + IMAGE_NAMES
+
+__all__ = ["get_task", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS", "clear_cache"]
+
+_TASKS: dict = {}
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def get_task(name: str, num_clients: Optional[int] = 20, seed: int = 0,
+             data_dir: Optional[str] = None, data_path: Optional[str] = None,
+             **options: Any) -> Task:
+    """Build (or fetch from the per-process cache) the task ``name``; see the module docstring."""
+    if not isinstance(name, str) or name not in TASK_NAMES:
+        raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
+    norm_opts = {k.replace("-", "_"): v for k, v in options.items()}
+    key = (name, num_clients, seed, data_dir, data_path, _freeze(norm_opts))
+    try:
+        hit = _TASKS.get(key)
+    except TypeError:  # unhashable option value: build without caching
+        hit, key = None, None
+    if hit is not None:
+        return hit
+    if name in SYNTHETIC_NAMES or name in DIGITS_NAMES:
+        if data_dir is not None or data_path is not None:
+            # data_dir may come from a shared run config: harmless for embedded datasets
+            if data_path is not None:
+                raise ValueError(f"data_path: task {name!r} has no files to read; data_path is "
+                                 f"only supported for: {', '.join(IMAGE_NAMES)}")
+        if name in SYNTHETIC_NAMES:
+            from .synthetic import SyntheticTask
+
+            task: Task = SyntheticTask(name, num_clients, seed, **norm_opts)
+        else:
+            from .digits import DigitsTask
+
+            task = DigitsTask(name, num_clients, seed, **norm_opts)
+    else:
+        from .images import ImageTask
+
+        task = ImageTask(name, num_clients, seed, data_dir=data_dir, data_path=data_path,
+                         **norm_opts)
+    if key is not None:
+        _TASKS[key] = task
+    return task
+
+
+def clear_cache() -> None:
+    """Drop cached tasks and decoded datasets (tests, benchmarks)."""
+    _TASKS.clear()
+    from . import digits
+
+    digits._DIGITS.clear()
+    try:
+        from . import images
+
+        images.clear_cache()
+    except ImportError:  # pragma: no cover
+        pass

@@ -1,0 +1,100 @@
+"""scikit-learn digits tasks (embedded in scikit-learn, offline, 1797 images of 8x8).
+
+* pixels scaled to [0, 1] (divided by 16); ``train_x`` is float32 (N, 1, 8, 8), ``y`` int64;
+* C = 4 clusters by default, client k is in cluster ``k mod C``;
+* ``digits-rotate``: images of cluster c rotated counter-clockwise by ``angles[c]`` degrees,
+  default ``(360 // C) * c`` (0/90/180/270, exact ``np.rot90``);
+* ``digits-label-shift``: y -> (y + shifts[c]) mod 10, default shift c;
+* partition: permute the 1797 samples with ``seed``, cut into ``num_clients`` contiguous pieces
+  whose sizes differ by at most one (every sample used exactly once), then a seeded per-client
+  train/test split (``test_fraction`` 0.2, ``n_test = round(0.2 n)``, at least 1 train sample);
+* model: MLP 64 -> 200 -> 10 ReLU; loss cross-entropy; metric accuracy.
+
+Options: ``num_clusters``, ``angles`` (rotate), ``shifts`` (label shift), ``test_fraction``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import (ClientData, Task, check_fraction, check_int, check_num_clients,
+                   check_num_clusters, default_preset, even_split, normalize_options,
+                   resolve_angles, resolve_shifts, rng_for, rotate_images, split_train_test)
+from .models import MLP
+
+DIGITS_NAMES = ("digits-rotate", "digits-label-shift")
+
+_DIGITS: dict = {}
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 (1797, 8, 8) in [0, 1], labels int64), decoded once per process."""
+    if "xy" not in _DIGITS:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = (d.images.astype(np.float32) / 16.0)
+        y = d.target.astype(np.int64)
+        x.setflags(write=False)
+        y.setflags(write=False)
+        _DIGITS["xy"] = (x, y)
+    return _DIGITS["xy"]
+
+
+class DigitsTask(Task):
+    metric = "accuracy"
+    num_classes = 10
+
+    def __init__(self, name: str, num_clients: Any, seed: int, **options: Any) -> None:
+        super().__init__()
+        self.name = name
+        self.shift = "rotate" if name.endswith("rotate") else "label-shift"
+        allowed = {"num_clusters": 4, "test_fraction": 0.2}
+        allowed.update({"angles": None} if self.shift == "rotate" else {"shifts": None})
+        opts = normalize_options(options, allowed, name)
+        x, y = load_digits_arrays()
+        if num_clients is None:
+            num_clients = 20
+        self.seed = check_int("seed", seed)
+        self.num_clients = check_num_clients(num_clients, len(y))
+        self.num_clusters = check_num_clusters(opts["num_clusters"], self.num_clients)
+        self.test_fraction = check_fraction("test_fraction", opts["test_fraction"])
+        if self.shift == "rotate":
+            self.angles = resolve_angles(opts["angles"], self.num_clusters)
+            self.shifts = None
+        else:
+            self.angles = None
+            self.shifts = resolve_shifts(opts["shifts"], self.num_clusters, self.num_classes)
+        self.options = opts
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.defaults = default_preset(rounds=100, batch=8, lr=0.1, mixture_lr=1.0,
+                                       adaptors=self.num_clusters, clients=20, rank=0.1)
+        parts = even_split(len(y), self.num_clients, rng_for(self.seed, 1))
+        split_rng = rng_for(self.seed, 2)
+        self.train_idx, self.test_idx = [], []
+        for p in parts:
+            tr, te = split_train_test(p, self.test_fraction, split_rng)
+            self.train_idx.append(tr)
+            self.test_idx.append(te)
+
+    def build_model(self) -> nn.Module:
+        return MLP(64, 200, self.num_classes)
+
+    def _transform(self, x: np.ndarray, y: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.angles is not None:
+            x = rotate_images(x, self.angles[c])
+        if self.shifts is not None:
+            y = (y + self.shifts[c]) % self.num_classes
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(1)
+        return xt, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+    def _make_client_data(self, cid: int) -> ClientData:
+        x, y = load_digits_arrays()
+        c = self.cluster_of(cid)
+        trx, try_ = self._transform(x[self.train_idx[cid]], y[self.train_idx[cid]], c)
+        tex, tey = self._transform(x[self.test_idx[cid]], y[self.test_idx[cid]], c)
+        return ClientData(trx, try_, tex, tey)
