@@ -192,6 +192,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         generator_seed=seed_for(cfg.seed, rnd, cid) + 1,
         device=setup.device,
+        augment=getattr(setup.task, "augment", None),
     )
     save_private(setup, context, store, rnd)
     metrics: dict[str, Any] = {

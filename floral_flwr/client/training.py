@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ def train_local(
     proximal_mu: float = 0.0,
     generator_seed: int = 0,
     device: torch.device | str = "cpu",
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> TrainResult:
     """SGD on the client's data. The optimizer is rebuilt every round, as in the paper's code.
 
@@ -76,7 +78,10 @@ def train_local(
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
-            xb = x[idx].to(device, non_blocking=True)
+            xb = x[idx]
+            if augment is not None:  # e.g. CIFAR random crop/flip, seeded like the shuffling
+                xb = augment(xb, gen)
+            xb = xb.to(device, non_blocking=True)
             yb = y[idx].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             out = model(xb)

@@ -95,11 +95,31 @@ class Adaptor(nn.Module):
         b = self._parameters.get("bias")
         if b is None:
             return None
-        return (p.to(b.dtype) @ b.flatten(1)).view(b.shape[1:])
+        return (_cast(p, b) @ b.flatten(1)).view(b.shape[1:])
+
+    # The fold_* methods are what the parametrizations call; they compute the same value as
+    # ``base + alpha * delta`` with fewer kernel launches (small models are launch-bound).
+    def fold_weight(self, weight: Tensor, p: Tensor, alpha: float) -> Tensor:
+        delta = self.delta_weight(p)
+        return weight + (delta if alpha == 1.0 else alpha * delta)
+
+    def fold_bias(self, bias: Tensor, p: Tensor, alpha: float) -> Tensor:
+        return _fold_vector(bias, self._parameters["bias"], p, alpha)
 
     @property
     def num_adaptors(self) -> int:
         return next(iter(self._parameters.values())).shape[0]
+
+
+def _cast(p: Tensor, like: Tensor) -> Tensor:
+    return p if p.dtype == like.dtype else p.to(like.dtype)
+
+
+def _fold_vector(base: Tensor, bank: Tensor, p: Tensor, alpha: float) -> Tensor:
+    """``base + alpha * sum_c p_c bank[c]`` in one addmv (bank: (C, *base.shape))."""
+    out = torch.addmv(base.reshape(-1), bank.reshape(bank.shape[0], -1).t(), _cast(p, bank),
+                      alpha=alpha)
+    return out.view(base.shape)
 
 
 def _new_bank(shape: Sequence[int], like: Tensor) -> nn.Parameter:
@@ -122,20 +142,35 @@ class LinearAdaptor(Adaptor):
             self.register_parameter("bias", _new_bank((num_adaptors, d_out), main.bias))
         _uniform_in_(self._parameters["in"], d_in)
 
-    def delta_weight(self, p: Tensor) -> Tensor:
-        a, b = self._parameters["in"], self._parameters["out"]
-        c, r, d_in = a.shape
-        # [B_1 p_1 | ... | B_C p_C] @ [A_1; ...; A_C]: one rank-(C*r) product.
-        bp = (b * p.to(b.dtype).view(c, 1, 1)).permute(1, 0, 2).reshape(b.shape[1], c * r)
-        return bp @ a.reshape(c * r, d_in)
+    def _scaled_out(self, p: Tensor) -> Tensor:
+        """``[p_1 B_1 | ... | p_C B_C]``: (d_out, C*r)."""
+        b = self._parameters["out"]
+        c, d_out, r = b.shape
+        return (b * _cast(p, b).view(c, 1, 1)).transpose(0, 1).reshape(d_out, c * r)
 
-    def lowrank_output(self, x: Tensor, p: Tensor) -> Tensor:
-        """Unfolded path ``sum_c p_c B_c A_c x`` (no bias): cheaper than folding for few rows."""
+    def delta_weight(self, p: Tensor) -> Tensor:
+        a = self._parameters["in"]
+        # [B_1 p_1 | ... | B_C p_C] @ [A_1; ...; A_C]: one rank-(C*r) product.
+        return self._scaled_out(p) @ a.reshape(-1, a.shape[-1])
+
+    def fold_weight(self, weight: Tensor, p: Tensor, alpha: float) -> Tensor:
+        a = self._parameters["in"]
+        out = torch.addmm(weight, self._scaled_out(p), a.reshape(-1, a.shape[-1]), alpha=alpha)
+        if out.dtype != weight.dtype:  # autocast: keep the parameter's dtype
+            return super().fold_weight(weight, p, alpha)
+        return out
+
+    def add_lowrank(self, out: Tensor, x: Tensor, p: Tensor, alpha: float) -> Tensor:
+        """Unfolded path: ``out + alpha * sum_c p_c B_c A_c x`` (cheaper than folding when
+        rows * (d_in + d_out) < d_in * d_out)."""
         a, b = self._parameters["in"], self._parameters["out"]
         c, r, d_in = a.shape
-        h = x @ a.reshape(c * r, d_in).t()
-        bp = (b * p.to(b.dtype).view(c, 1, 1)).permute(1, 0, 2).reshape(b.shape[1], c * r)
-        return h @ bp.t()
+        x2 = x.reshape(-1, d_in)
+        h = (x2 @ a.reshape(c * r, d_in).t()).view(-1, c, r) * _cast(p, a).view(c, 1)
+        bt = b.transpose(1, 2).reshape(c * r, b.shape[1])
+        y = torch.addmm(out.reshape(-1, out.shape[-1]), h.view(-1, c * r), bt,
+                        alpha=alpha)
+        return y.view(out.shape)
 
 
 class ConvAdaptor(Adaptor):
@@ -170,7 +205,7 @@ class ConvAdaptor(Adaptor):
         kin, kout = math.prod(self.k_in), math.prod(self.k_out)
         # A': (g, C*rg, cin_g*Kin); B'p: (g, cout_g*Kout, C*rg); one batched matmul over groups.
         a2 = a.reshape(c, g, rg, cin_g * kin).transpose(0, 1).reshape(g, c * rg, cin_g * kin)
-        bp = b * p.to(b.dtype).view(c, *(1,) * (b.dim() - 1))
+        bp = b * _cast(p, b).view(c, *(1,) * (b.dim() - 1))
         b2 = bp.reshape(c, g, cout_g, rg, kout).permute(1, 2, 4, 0, 3).reshape(g, cout_g * kout, c * rg)
         w = torch.bmm(b2, a2).view(g, cout_g, *self.k_out, cin_g, *self.k_in)
         # Interleave (k_out[a], k_in[a]) per axis; one of each pair is 1, so the reshape gives k.
@@ -211,7 +246,7 @@ class ConvTransposeAdaptor(Adaptor):
         g, n = self.groups, len(self.k_in)
         cin_g, cout_g = cin // g, b.shape[2]
         kin, kout = math.prod(self.k_in), math.prod(self.k_out)
-        ap = a * p.to(a.dtype).view(c, *(1,) * (a.dim() - 1))
+        ap = a * _cast(p, a).view(c, *(1,) * (a.dim() - 1))
         a2 = ap.reshape(c, g, cin_g, rg, kin).permute(1, 2, 4, 0, 3).reshape(g, cin_g * kin, c * rg)
         b2 = b.reshape(c, g, rg, cout_g * kout).transpose(0, 1).reshape(g, c * rg, cout_g * kout)
         w = torch.bmm(a2, b2).view(g, cin_g, *self.k_in, cout_g, *self.k_out)
@@ -243,7 +278,7 @@ class EmbeddingAdaptor(Adaptor):
     def delta_weight(self, p: Tensor) -> Tensor:
         a, b = self._parameters["in"], self._parameters["out"]
         c, v, r = a.shape
-        ap = (a * p.to(a.dtype).view(c, 1, 1)).permute(1, 0, 2).reshape(v, c * r)
+        ap = (a * _cast(p, a).view(c, 1, 1)).permute(1, 0, 2).reshape(v, c * r)
         return ap @ b.permute(0, 2, 1).reshape(c * r, b.shape[1])
 
 
@@ -263,7 +298,10 @@ class NormAdaptor(Adaptor):
 
     def delta_weight(self, p: Tensor) -> Tensor:
         w = self._parameters["weight"]
-        return (p.to(w.dtype) @ w.flatten(1)).view(w.shape[1:])
+        return (_cast(p, w) @ w.flatten(1)).view(w.shape[1:])
+
+    def fold_weight(self, weight: Tensor, p: Tensor, alpha: float) -> Tensor:
+        return _fold_vector(weight, self._parameters["weight"], p, alpha)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +324,7 @@ class WeightFold(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if self.unfold:
             return weight
-        return weight + self.alpha * self.adaptor.delta_weight(self.ctx.probs(self.index))
+        return self.adaptor.fold_weight(weight, self.ctx.probs(self.index), self.alpha)
 
 
 class BiasFold(nn.Module):
@@ -300,8 +338,7 @@ class BiasFold(nn.Module):
         self.alpha = alpha
 
     def forward(self, bias: Tensor) -> Tensor:
-        delta = self._adaptor_ref[0].delta_bias(self.ctx.probs(self.index))
-        return bias + self.alpha * delta
+        return self._adaptor_ref[0].fold_bias(bias, self.ctx.probs(self.index), self.alpha)
 
 
 def linear_pre_hook(module: nn.Linear, args: tuple) -> None:
@@ -325,8 +362,7 @@ def linear_post_hook(module: nn.Linear, args: tuple, out: Tensor) -> Tensor:
     if not fold.unfold:
         return out
     fold.unfold = False
-    p = fold.ctx.probs(fold.index)
-    return out + fold.alpha * fold.adaptor.lowrank_output(args[0], p)
+    return fold.adaptor.add_lowrank(out, args[0], fold.ctx.probs(fold.index), fold.alpha)
 
 
 # ----------------------------------------------------------------------------------------------

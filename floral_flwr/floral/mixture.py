@@ -50,7 +50,9 @@ class Mixture(nn.Module):
         theta = self.logits
         if noise and self.noise > 0:
             theta = theta + self.noise * torch.rand_like(theta)
-        p = torch.softmax(theta / self.temperature, dim=-1)
+        if self.temperature != 1.0:
+            theta = theta / self.temperature
+        p = torch.softmax(theta, dim=-1)
         if self.floor > 0:
             p = p.clamp(min=self.floor)
         return p

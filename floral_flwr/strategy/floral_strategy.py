@@ -403,7 +403,7 @@ class FloralStrategy(FedAvg):
             )
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
-                arrays = new_arrays
+                arrays = self._keep_dtypes(new_arrays)
                 result.arrays = arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics

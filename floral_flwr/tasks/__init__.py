@@ -27,6 +27,8 @@ Tasks are cached per process by (name, num_clients, seed, data_dir, data_path, o
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any, Optional
 
 from .base import RUN_CONFIG_KEYS, ClientData, Task
@@ -39,9 +41,12 @@ IMAGE_NAMES = tuple(n for b in _IMAGE_BASE for n in (b, b + "-reduced"))
 
 TASK_NAMES: tuple[str, ...] = SYNTHETIC_NAMES + DIGITS_NAMES + IMAGE_NAMES
 
-__all__ = ["get_task", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS", "clear_cache"]
+__all__ = ["get_task", "task_defaults", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS",
+           "clear_cache"]
 
-_TASKS: dict = {}
+_TASKS: "OrderedDict[tuple, Task]" = OrderedDict()
+_MAX_TASKS = 8  # LRU bound: each task may hold up to Task.cache_bytes of client tensors
+_LOCK = threading.RLock()
 
 
 def _freeze(v: Any) -> Any:
@@ -60,11 +65,17 @@ def get_task(name: str, num_clients: Optional[int] = 20, seed: int = 0,
         raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
     norm_opts = {k.replace("-", "_"): v for k, v in options.items()}
     key = (name, num_clients, seed, data_dir, data_path, _freeze(norm_opts))
+    with _LOCK:
+        return _get_task(name, num_clients, seed, data_dir, data_path, norm_opts, key)
+
+
+def _get_task(name, num_clients, seed, data_dir, data_path, norm_opts, key) -> Task:
     try:
         hit = _TASKS.get(key)
     except TypeError:  # unhashable option value: build without caching
         hit, key = None, None
     if hit is not None:
+        _TASKS.move_to_end(key)
         return hit
     if name in SYNTHETIC_NAMES or name in DIGITS_NAMES:
         if data_dir is not None or data_path is not None:
@@ -87,7 +98,22 @@ def get_task(name: str, num_clients: Optional[int] = 20, seed: int = 0,
                          **norm_opts)
     if key is not None:
         _TASKS[key] = task
+        while len(_TASKS) > _MAX_TASKS:
+            _TASKS.popitem(last=False)
     return task
+
+
+def task_defaults(name: str, **options: Any) -> dict:
+    """``get_task(name, num_clients=None, **options).defaults`` without loading any data (the
+    image tasks' presets come from a table; the embedded tasks are cheap to build)."""
+    if not isinstance(name, str) or name not in TASK_NAMES:
+        raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
+    if name in IMAGE_NAMES:
+        from .images import image_defaults
+
+        c = options.get("num_clusters", options.get("num-clusters"))
+        return image_defaults(name, c)
+    return dict(get_task(name, num_clients=None, **options).defaults)
 
 
 def clear_cache() -> None:

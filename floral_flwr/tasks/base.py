@@ -3,10 +3,10 @@ the numpy partition/cluster helpers used by every task (no torch.utils.data, no 
 
 from __future__ import annotations
 
-import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -234,6 +234,7 @@ class Task:
     def __init__(self) -> None:
         self._client_cache: "OrderedDict[int, ClientData]" = OrderedDict()
         self._cached_bytes = 0
+        self._lock = threading.RLock()
         self.extra_defaults = {}
         self.options: dict = {}
 
@@ -264,17 +265,18 @@ class Task:
 
     def client_data(self, cid: Any) -> ClientData:
         cid = self.check_cid(cid)
-        hit = self._client_cache.get(cid)
-        if hit is not None:
-            self._client_cache.move_to_end(cid)
-            return hit
-        data = self._make_client_data(cid)
-        self._client_cache[cid] = data
-        self._cached_bytes += data.nbytes()
-        while self._cached_bytes > self.cache_bytes and len(self._client_cache) > 1:
-            _, old = self._client_cache.popitem(last=False)
-            self._cached_bytes -= old.nbytes()
-        return data
+        with self._lock:  # simulation may call from several threads of one process
+            hit = self._client_cache.get(cid)
+            if hit is not None:
+                self._client_cache.move_to_end(cid)
+                return hit
+            data = self._make_client_data(cid)
+            self._client_cache[cid] = data
+            self._cached_bytes += data.nbytes()
+            while self._cached_bytes > self.cache_bytes and len(self._client_cache) > 1:
+                _, old = self._client_cache.popitem(last=False)
+                self._cached_bytes -= old.nbytes()
+            return data
 
     def build_model(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -303,6 +305,3 @@ def default_preset(*, rounds: int, batch: int, lr: float, mixture_lr: float, ada
         "num-clients": clients,
     }
 
-
-def isqrt_ceil(n: int) -> int:
-    return int(math.ceil(math.sqrt(n)))

@@ -14,9 +14,9 @@ cifar100     ``uoft-cs/cifar100`` ``img`` {bytes, path}, ``fine_label``, ``coars
 The directory may be the dataset directory itself or a parent holding ``<dataset>/`` (e.g.
 ``data_dir/mnist/train.parquet``). Without ``data_dir`` the loader looks in
 ``$FLORAL_FLWR_DATA_DIR`` (same rule) and ``~/.cache/floral_flwr/data/<dataset>``. It never
-downloads unless asked (``download=True`` option / ``data-download`` run config, or
+downloads unless asked (``download=True`` option of ``get_task`` or the env var
 ``FLORAL_FLWR_DOWNLOAD=1``): then the hub copy is fetched through ``flwr_datasets`` once and
-written to ``~/.cache/floral_flwr/data/<dataset>`` as parquet. Otherwise a missing dataset raises
+written as parquet to ``<data_dir>/<dataset>`` (or ``~/.cache/floral_flwr/data/<dataset>``). Otherwise a missing dataset raises
 one :class:`DatasetNotFoundError` that names the dataset, every place looked, and how to provide
 it (``python -m floral_flwr.data download <name> <dir>`` on a machine with internet).
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,9 @@ def locate_dataset(name: str, data_dir: Optional[str], download: object = False)
     found, looked = resolve_local_dir(name, data_dir)
     if found is not None:
         return found
-    if _download_allowed(download) and data_dir is None:
-        target = default_cache_dir() / spec.name
+    if _download_allowed(download):
+        target = (Path(data_dir).expanduser() / spec.name if data_dir is not None
+                  else default_cache_dir() / spec.name)
         try:
             download_dataset(name, target)
         except Exception as e:  # noqa: BLE001 - one clear error below
@@ -158,8 +160,8 @@ def _not_found_message(spec: DatasetSpec, looked: list[str], data_dir: Optional[
     msg += (f"To provide it: on a machine with internet run `python -m floral_flwr.data download "
             f"{spec.name} <dir>`, copy <dir> here and set the run config `data-dir=\"<dir>\"` (or "
             f"the env var FLORAL_FLWR_DATA_DIR, or put it in {default_cache_dir() / spec.name}); "
-            f"or, when online, allow a hub download with the run config `data-download=true` "
-            f"(env FLORAL_FLWR_DOWNLOAD=1).")
+            f"or, on a machine with internet, allow a one-time hub download with the env var "
+            f"FLORAL_FLWR_DOWNLOAD=1 (get_task option download=True).")
     return msg
 
 
@@ -167,6 +169,7 @@ def _not_found_message(spec: DatasetSpec, looked: list[str], data_dir: Optional[
 
 
 _DECODED: dict = {}
+_DECODE_LOCK = threading.Lock()
 
 
 def clear_decoded_cache() -> None:
@@ -263,10 +266,11 @@ def load_split_arrays(path: Path, spec: DatasetSpec, label_column: Optional[str]
     path = Path(path).resolve()
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, spec.name, label_column or spec.label_column)
-    hit = _DECODED.get(key)
-    if hit is None:
-        hit = read_parquet_split(path, spec, label_column)
-        _DECODED[key] = hit
+    with _DECODE_LOCK:  # one decode per file version per process, even with threads
+        hit = _DECODED.get(key)
+        if hit is None:
+            hit = read_parquet_split(path, spec, label_column)
+            _DECODED[key] = hit
     return hit
 
 
@@ -300,8 +304,20 @@ def write_parquet_split(path: Path, spec: DatasetSpec, images: np.ndarray, label
     for c in spec.extra_columns:
         data[c] = list((extra or {}).get(c, (np.asarray(labels) // 5).tolist()))
     ds = Dataset.from_dict(data, features=_features(spec))
-    ds.to_parquet(str(path))
+    _quiet_to_parquet(ds, path)
     return path
+
+
+def _quiet_to_parquet(ds, path: Path) -> None:
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        ds.to_parquet(str(path))
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def write_fake_dataset(name: str, out_dir: str | os.PathLike, num_train: int = 600,

@@ -99,6 +99,8 @@ class SyntheticTask(Task):
         self.defaults = default_preset(
             rounds=rounds, batch=5 if variant == "bn" else batch, lr=lr, mixture_lr=0.1,
             adaptors=self.num_clusters, clients=K_paper)
+        self.defaults["adapt-norm"] = variant == "bn"
+        self.extra_defaults = {"server-optimizer": "fedavg", "server-lr": 1.0}
         self._generate()
 
     # -- model

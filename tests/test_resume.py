@@ -1,0 +1,90 @@
+"""Checkpoint + resume: an interrupted run, resumed, ends with the uninterrupted run's model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from floral_flwr.config import ConfigError
+from floral_flwr.inline import run_inline
+from floral_flwr.results import load_npz
+
+NUM_CLIENTS = 6
+
+
+class Crash(Exception):
+    """Stands for the ServerApp process being killed."""
+
+
+def _base(tmp_path, **kw):
+    return {
+        "task": "digits-label-shift", "num-server-rounds": 4, "eval-every": 2, "batch-size": 16,
+        "output-dir": str(tmp_path), "min-available-nodes": 1, "fraction-train": 0.67,
+        "server-optimizer": "fedadam", "server-lr": 0.01, "mixture-lr": 2.0, **kw,
+    }
+
+
+def _final_state(tmp_path, name):
+    meta = json.loads((tmp_path / name / "checkpoint" / "meta.json").read_text())
+    return meta["round"], load_npz(tmp_path / name / "checkpoint" / f"state-{meta['round']:06d}.npz")
+
+
+def test_resume_after_a_crash_mid_round_equals_uninterrupted_run(tmp_path):
+    run_inline(_base(tmp_path, **{"run-name": "full"}), NUM_CLIENTS)
+
+    # Crash in round 3 after two clients have already trained (and saved their round-3 state).
+    trained = {"n": 0}
+
+    def crash_in_round_3(node, reply):
+        if reply.metadata.message_type == "train":
+            trained["n"] += 1
+            if trained["n"] == 4 + 4 + 2:  # 4 sampled clients per round
+                raise Crash()
+        return reply
+
+    with pytest.raises(Crash):
+        run_inline(_base(tmp_path, **{"run-name": "cut"}), NUM_CLIENTS, reply_hook=crash_in_round_3)
+    rnd, _ = _final_state(tmp_path, "cut")
+    assert rnd == 2  # the last completed round
+    summary, _ = run_inline(_base(tmp_path, **{"run-name": "cut", "resume": True}), NUM_CLIENTS)
+
+    r_full, full = _final_state(tmp_path, "full")
+    r_cut, cut = _final_state(tmp_path, "cut")
+    assert r_full == r_cut == 4
+    assert full.keys() == cut.keys()
+    for key in full:
+        np.testing.assert_array_equal(full[key], cut[key], err_msg=key)
+    # optimizer state restored too (FedAdam moments), and no round lost or double-counted
+    rows = list(csv.DictReader((tmp_path / "cut" / "rounds.csv").open()))
+    assert [int(r["round"]) for r in rows] == [1, 2, 3, 4]
+    rows_full = list(csv.DictReader((tmp_path / "full" / "rounds.csv").open()))
+    assert rows[-1]["mean"] == rows_full[-1]["mean"] and rows[-1]["cluster-ari"] == rows_full[-1]["cluster-ari"]
+    clients = list(csv.DictReader((tmp_path / "cut" / "clients.csv").open()))
+    assert sorted({int(r["round"]) for r in clients}) == [2, 4] and len(clients) == 2 * NUM_CLIENTS
+
+
+def test_resume_without_checkpoint_stops_before_round_one(tmp_path):
+    with pytest.raises(ConfigError, match="'resume' = true"):
+        run_inline(_base(tmp_path, **{"run-name": "nothing-here", "resume": True}), NUM_CLIENTS)
+
+
+def test_unwritable_output_dir_stops_before_round_one(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="'output-dir'"):
+        run_inline(_base(tmp_path, **{"output-dir": str(blocker / "sub")}), NUM_CLIENTS)
+
+
+def test_bad_run_config_stops_before_round_one(tmp_path):
+    with pytest.raises(ConfigError, match="'num-adaptors' = 0"):
+        run_inline(_base(tmp_path, **{"num-adaptors": 0}), NUM_CLIENTS)
+    with pytest.raises(ConfigError, match="'task'"):
+        run_inline(_base(tmp_path, task="imagenet"), NUM_CLIENTS)
+    with pytest.raises(ConfigError, match="num-adaptors >= the task's 4 clusters"):
+        run_inline(_base(tmp_path, method="floral-oracle", **{"num-adaptors": 2}), NUM_CLIENTS)
+    # an image task without its data: one clear error naming the dataset and how to provide it
+    with pytest.raises(ConfigError, match="dataset 'mnist'.*was not found.*floral_flwr.data download"):
+        run_inline(_base(tmp_path, task="mnist-rotate", **{"data-dir": str(tmp_path)}), NUM_CLIENTS)
