@@ -15,6 +15,7 @@ Merged inference: eval forward of ``fm.merge()`` vs the bare model (same archite
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -126,8 +127,15 @@ def make_infer(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return infer
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
 def time_round_robin(fns: Dict[str, Callable[[], None]], steps: int, warmup: int,
-                     sync: Callable[[], None], inner: int = 1) -> Dict[str, float]:
+                     sync: Callable[[], None], inner: int = 1, clock: str = "wall") -> Dict[str, float]:
+    """Median seconds per call. ``clock="cpu"`` uses the calling thread's CPU time, which is
+    robust to other processes competing for the cores (exact only with 1 intra-op thread: on
+    CPU, forward and backward then run entirely on this thread)."""
+    now = CLOCKS[clock]
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -138,15 +146,16 @@ def time_round_robin(fns: Dict[str, Callable[[], None]], steps: int, warmup: int
         if i % 2:
             order.reverse()  # alternate order too: no variant always runs first
         for name, fn in order:
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(inner):
                 fn()
             sync()
-            times[name].append((time.perf_counter() - t0) / inner)
+            times[name].append((now() - t0) / inner)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench(name: str, make_model: Callable[[], nn.Module], shape, C: int, args) -> Dict[str, float]:
+def bench(name: str, make_model: Callable[[], nn.Module], shape, C: int, args,
+          steps: int) -> Dict[str, float]:
     dev = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -166,10 +175,10 @@ def bench(name: str, make_model: Callable[[], nn.Module], shape, C: int, args) -
     train = time_round_robin({
         "a": make_step(bare, x, y), "b": make_step(fm, x, y),
         "b_fold": make_step(fm_fold, x, y), "c": make_step(naive, x, y),
-    }, args.steps, args.warmup, sync)
+    }, steps, args.warmup, sync, clock=args.clock)
     merged = fm.merge()
     infer = time_round_robin({"a": make_infer(bare, x), "merged": make_infer(merged, x)},
-                             args.steps, args.warmup, sync, inner=args.infer_inner)
+                             steps, args.warmup, sync, inner=args.infer_inner, clock=args.clock)
     return {"a": train["a"], "b": train["b"], "b_fold": train["b_fold"], "c": train["c"],
             "infer_a": infer["a"], "infer_merged": infer["merged"]}
 
@@ -190,7 +199,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per variant (median)")
+    ap.add_argument("--steps", type=int, default=40, help="timed CNN steps per variant (median)")
+    ap.add_argument("--mlp-steps", type=int, default=200, help="timed MLP steps per variant")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: this thread's CPU time (forces --threads 1; "
+                         "use it on a shared, loaded machine)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--infer-inner", type=int, default=5, help="eval forwards per timed sample")
     ap.add_argument("--rho", type=float, default=0.1)
@@ -198,11 +211,17 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp"])
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = ap.parse_args()
+    if args.clock == "cpu":
+        if args.device != "cpu":
+            ap.error("--clock cpu only measures CPU work; use --clock wall with --device cuda")
+        args.threads = 1
     torch.set_num_threads(args.threads)
     models = {"cnn": ("CIFAR-10 CNN", Cifar10CNN, (3, 32, 32)), "mlp": ("MLP 784-200-10", mlp, (1, 28, 28))}
     header = (f"device={args.device} ({cpu_name() if args.device == 'cpu' else torch.cuda.get_device_name()}), "
               f"threads={torch.get_num_threads()}, torch {torch.__version__}, batch {args.batch}, "
-              f"rho={args.rho}, median of {args.steps} steps after {args.warmup} warm-up, round robin")
+              f"rho={args.rho}, clock={args.clock}, median of {args.steps} (CNN) / {args.mlp_steps} "
+              f"(MLP) steps after {args.warmup} warm-up, round robin, "
+              f"load average at start {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     rows = ["| model | C | (a) bare ms | (b) FLoRAL ms | (b)/(a) | (b fold)/(a) | (c) naive ms | (c)/(b) | merged/(a) infer |",
             "|---|---|---|---|---|---|---|---|---|"]
     print(header)
@@ -210,14 +229,16 @@ def main() -> None:
     for key in args.models:
         title, make, shape = models[key]
         for C in args.C:
-            r = bench(title, make, shape, C, args)
+            r = bench(title, make, shape, C, args, args.mlp_steps if key == "mlp" else args.steps)
             row = (f"| {title} | {C} | {1e3 * r['a']:.2f} | {1e3 * r['b']:.2f} | {r['b'] / r['a']:.2f} | "
                    f"{r['b_fold'] / r['a']:.2f} | {1e3 * r['c']:.2f} | {r['c'] / r['b']:.2f} | "
                    f"{r['infer_merged'] / r['infer_a']:.3f} |")
             rows.append(row)
             print(row, flush=True)
+    footer = f"load average at end {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
+    print(footer)
     if args.markdown:
-        args.markdown.write_text(header + "\n\n" + "\n".join(rows) + "\n")
+        args.markdown.write_text(header + "\n\n" + "\n".join(rows) + "\n\n" + footer + "\n")
 
 
 if __name__ == "__main__":

@@ -48,10 +48,10 @@ def _run_dir(cfg: RunConfig) -> Path:
 
 def prepare_run(cfg: RunConfig) -> tuple[Any, Any, RunRecorder]:
     """Validate everything that can be validated before round 1."""
-    from floral_flwr.tasks import get_task
+    from floral_flwr.tasks import task_info
 
     try:
-        task = get_task(cfg.task, num_clients=None, seed=cfg.seed, data_dir=cfg.data_dir or None)
+        task = task_info(cfg.task, seed=cfg.seed)  # no client data on the server
         check_method_task(cfg, task.num_clusters)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

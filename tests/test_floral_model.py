@@ -427,3 +427,46 @@ def test_torch_compile_traces():
                     reason="inductor C++ codegen takes ~30 s on 2 cores; set FLORAL_SLOW_TESTS=1")
 def test_torch_compile_inductor():
     _compile_check("inductor")
+
+
+class TinyLM(nn.Module):
+    """Tied embedding/decoder and an attention block whose out_proj weight is read directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.dec = nn.Linear(8, 10, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return self.dec(input=h)  # keyword call: the Linear pre-hook must fall back to folding
+
+
+def test_tied_weights_attention_and_keyword_calls():
+    torch.manual_seed(0)
+    model = TinyLM()
+    keys = list(model.state_dict())
+    idx = torch.randint(0, 10, (2, 5))
+    expected = model(idx)
+    fm = Floral(model, num_adaptors=2, rank=2)
+    assert torch.equal(fm(idx), expected)
+    rep = fm.parameter_report()
+    assert [n for n, _, _ in rep.layers] == ["attn.out_proj", "dec"]
+    assert ("attn", "MultiheadAttention") in rep.skipped and ("emb", "Embedding") in rep.skipped
+    assert [k for k in fm.shared_state_dict() if k.startswith("base.")] == ["base." + k for k in keys]
+    assert rep.base == sum(p.numel() for p in TinyLM().parameters())  # tied weight counted once
+    randomize(fm, scale=0.5)
+    fm.eval()
+    y = fm(idx)
+    assert not torch.allclose(y, expected)
+    with torch.no_grad():  # the attention's out_proj adaptor is live (MHA reads .weight directly)
+        fm.mixture.logits.zero_()
+        fm.model.attn.out_proj.parametrizations.weight[0].adaptor._parameters["out"].zero_()
+        fm.model.attn.out_proj.parametrizations.bias[0]._adaptor_ref[0]._parameters["bias"].zero_()
+    y_no_attn = fm(idx)
+    randomize(fm, scale=0.5)
+    assert not torch.allclose(fm(idx), y_no_attn)
+    torch.testing.assert_close(fm.merge()(idx), fm(idx), atol=1e-5, rtol=1e-5)

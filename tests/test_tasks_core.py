@@ -120,13 +120,48 @@ def test_synthetic_generator_moments():
 def test_synthetic_simple_and_bn_variants():
     s = get_task("synthetic-linear-simple", num_clients=4, seed=0)
     assert torch.equal(s.params["W"], torch.eye(10))
+    assert torch.equal(s.params["b"], torch.zeros(10))
     W1 = s.client_weights(1)
     expected = torch.eye(10)
     expected[1, 1] = 3.0
     assert torch.equal(W1, expected)
+    d = s.client_data(1)
+    assert torch.allclose(d.train_y, (d.train_x @ expected)[:, :3])
     bn = get_task("synthetic-mlp-bn", num_clients=4, seed=0)
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in bn.build_model().modules())
-    assert bn.defaults["batch-size"] == 5
+    assert bn.defaults["batch-size"] == 5 and bn.defaults["adapt-norm"] is True
+    # targets: per-client normalized ReLU features times W_out
+    d = bn.client_data(2)
+    x = torch.cat([d.train_x, d.test_x])
+    y = torch.cat([d.train_y, d.test_y])
+    a = torch.relu(x @ bn.client_weights(2) + bn.params["b"])
+    z = (a - a.mean(0)) / a.std(0)
+    assert torch.allclose(y, z @ bn.params["W_out"], atol=1e-4)
+
+
+def test_synthetic_matches_official_draw_order():
+    """Re-implementation of the official SyntheticDataset draws (K divisible by C)."""
+    K, C, d, r, seed = 20, 4, 10, 1, 5
+    t = get_task("synthetic-mlp", num_clients=K, seed=seed)
+    n = t.samples_per_client
+    g = torch.Generator().manual_seed(seed + 27)
+    W = torch.randn(1, d, d, generator=g) / d ** 0.5
+    us = torch.randn(C, d, r, generator=g) / d ** 0.5
+    vs = torch.randn(C, r, d, generator=g) / r ** 0.5
+    b = torch.randn(1, 1, d, generator=g) / d ** 0.5
+    W_out = torch.randn(1, d, 1, generator=g) / d ** 0.5
+    Ws = W.add(2.0 * us.matmul(vs).repeat(K // C, 1, 1))
+    g = torch.Generator().manual_seed(seed + 11)
+    xs = torch.randn(K, n, d, generator=g)
+    ys = torch.relu(xs.matmul(Ws).add(b)).matmul(W_out)
+    for k in (0, 7, 19):
+        dk = t.client_data(k)
+        got_x = torch.cat([dk.train_x, dk.test_x])
+        got_y = torch.cat([dk.train_y, dk.test_y])
+        order = torch.argsort(got_x[:, 0])
+        ref_order = torch.argsort(xs[k][:, 0])
+        assert torch.equal(got_x[order], xs[k][ref_order])
+        assert torch.allclose(got_y[order], ys[k][ref_order], atol=1e-6)
 
 
 def test_digits_partition_uses_every_sample_once():
@@ -252,6 +287,23 @@ def test_non_right_angles_use_torchvision_rotation():
     for cid, ang in ((1, 45.0), (3, -30.0)):
         d = t.client_data(cid)
         raw = torch.from_numpy(x[t.train_idx[cid]]).unsqueeze(1)
-        exp = TF.rotate(raw, ang, interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
+        exp = TF.rotate(raw, ang, fill=0.0)  # torchvision default (nearest), as the official code
         assert torch.allclose(d.train_x, exp, atol=1e-6)
         assert not torch.allclose(d.train_x, raw)
+
+
+def test_model_parameter_counts_match_the_paper():
+    from floral_flwr.tasks.models import MLP, VGG8, Cifar10CNN, SimpleNN, count_parameters, linear_model
+
+    assert count_parameters(linear_model()) == 33
+    assert count_parameters(SimpleNN()) == 241
+    assert count_parameters(MLP(784, 200, 10)) == 159_010
+    assert count_parameters(Cifar10CNN()) == 87_178
+    assert count_parameters(VGG8()) == 1_264_388
+    assert count_parameters(VGG8(norm="bn")) == 1_264_388 + 2 * (16 + 32 + 64 + 128 + 512)
+    vgg = VGG8(norm="gn")
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in vgg.modules())
+    x = torch.randn(2, 3, 32, 32)
+    assert vgg(x).shape == (2, 100) and Cifar10CNN()(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="norm"):
+        VGG8(norm="ln")

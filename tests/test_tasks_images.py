@@ -400,3 +400,13 @@ def test_cifar_augment_is_flip_plus_padded_crop():
             p[:, 4:36, 4:36] = src
             windows += [p[:, oy:oy + 32, ox:ox + 32] for oy in range(9) for ox in range(9)]
         assert any(torch.equal(w, out[i]) for w in windows)
+    # rotate task, cluster rotated by 90 degrees: the flip is vertical in the rotated frame
+    aug = make_augment(spec, (0.0, 90.0, 180.0, 270.0))
+    out = aug(x, torch.Generator().manual_seed(1), cluster=1)
+    for i in range(8):
+        windows = []
+        for src in (x[i], x[i].flip(-2)):
+            p = fill.expand(3, 40, 40).clone()
+            p[:, 4:36, 4:36] = src
+            windows += [p[:, oy:oy + 32, ox:ox + 32] for oy in range(9) for ox in range(9)]
+        assert any(torch.equal(w, out[i]) for w in windows)

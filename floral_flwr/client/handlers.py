@@ -164,6 +164,16 @@ def _mixture_weights(handle: ModelHandle, n: int) -> list[float]:
     return [float(n) * v for v in p] if p else []
 
 
+def _augment_for(task: Any, cid: int) -> Any:
+    """The task's training augmentation, told the client's cluster (flips on rotated images
+    must be applied as on the upright image)."""
+    fn = getattr(task, "augment", None)
+    if fn is None:
+        return None
+    cluster = task.cluster_of(cid)
+    return lambda x, gen: fn(x, gen, cluster=cluster)
+
+
 def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
     setup = get_setup(context, run_config)
     cfg = setup.cfg
@@ -192,7 +202,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         generator_seed=seed_for(cfg.seed, rnd, cid) + 1,
         device=setup.device,
-        augment=getattr(setup.task, "augment", None),
+        augment=_augment_for(setup.task, cid),
     )
     save_private(setup, context, store, rnd)
     metrics: dict[str, Any] = {

@@ -344,7 +344,9 @@ class BiasFold(nn.Module):
 def linear_pre_hook(module: nn.Linear, args: tuple) -> None:
     """``linear_compute="auto"``: fold or not, decided per call by the number of input rows."""
     fold: WeightFold = module.parametrizations.weight[0]
-    if fold.linear_compute == "unfold":
+    if not args or not isinstance(args[0], Tensor):  # e.g. called with input=... : just fold
+        fold.unfold = False
+    elif fold.linear_compute == "unfold":
         fold.unfold = True
     elif fold.linear_compute == "fold":
         fold.unfold = False

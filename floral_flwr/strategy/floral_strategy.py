@@ -60,6 +60,10 @@ class NodeWaitTimeout(RuntimeError):
     """Too few nodes connected within ``node_wait_timeout`` seconds."""
 
 
+class ClientSetupError(RuntimeError):
+    """Every node failed to set up (bad data, bad config on the client side): nothing can train."""
+
+
 @dataclass
 class RoundStats:
     """Bookkeeping of one round, read by the results recorder."""
@@ -217,10 +221,12 @@ class FloralStrategy(FedAvg):
             Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
             for n in unknown
         ]
+        errors = []
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "Node %d failed the discovery query: %s", node, reply.error.reason)
+                errors.append(reply.error.reason)
                 continue
             try:
                 m = reply.content["metrics"]
@@ -228,6 +234,9 @@ class FloralStrategy(FedAvg):
                 self.client_sizes[node] = float(m["num-train-examples"])
             except (KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "Node %d sent a malformed discovery reply (%s): ignored", node, exc)
+        if errors and not self.client_ids:
+            # no node can run the task: stop before training instead of running empty rounds
+            raise ClientSetupError(f"all {len(errors)} node(s) failed to set up the task; first error: {errors[0]}")
 
     def _ordered(self, nodes: Iterable[int]) -> list[int]:
         # Order by client id so that seeded sampling does not depend on random node ids.

@@ -22,14 +22,25 @@ Tasks (``TASK_NAMES``):
 ``num_clients=None`` means the paper's K (``task.defaults["num-clients"]``). Options may be given
 with run-config spelling (``num-clusters``) or python spelling (``num_clusters``); unknown
 options, tasks or out-of-range values raise ``ValueError`` naming the key and allowed values.
-Tasks are cached per process by (name, num_clients, seed, data_dir, data_path, options).
+Tasks are cached per process by (name, num_clients, seed, data_dir, data_path, options), LRU
+of 8; decoded datasets are cached per file; ``client_data(cid)`` is cached per task (LRU bounded
+by ``Task.cache_bytes``, 1 GiB) and costs O(client size) the first time.
+
+True clusters: client k is in cluster ``k mod C`` for every clustered task (the official code's
+rule); ``task.clusters`` lists them. ``task_defaults(name)`` gives the preset without loading data.
+
+Beyond contracts.md §3 each task also has: ``defaults["adapt-norm"]`` (True for the -bn/-gn
+variants), ``extra_defaults`` (paper server optimizer / lr, e.g. FedAdam 0.001 for CIFAR-100),
+``augment`` (CIFAR only: batch flip + padded crop, ``augment(x, generator)``), ``clusters``,
+``options`` and ``seed``.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from .base import RUN_CONFIG_KEYS, ClientData, Task
 from .digits import DIGITS_NAMES
@@ -41,7 +52,7 @@ IMAGE_NAMES = tuple(n for b in _IMAGE_BASE for n in (b, b + "-reduced"))
 
 TASK_NAMES: tuple[str, ...] = SYNTHETIC_NAMES + DIGITS_NAMES + IMAGE_NAMES
 
-__all__ = ["get_task", "task_defaults", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS",
+__all__ = ["task_info", "TaskInfo", "get_task", "task_defaults", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS",
            "clear_cache"]
 
 _TASKS: "OrderedDict[tuple, Task]" = OrderedDict()
@@ -101,6 +112,35 @@ def _get_task(name, num_clients, seed, data_dir, data_path, norm_opts, key) -> T
         while len(_TASKS) > _MAX_TASKS:
             _TASKS.popitem(last=False)
     return task
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the server needs to know about a task, without any client data."""
+
+    name: str
+    metric: str
+    num_clusters: Optional[int]
+    build_model: Callable[[], Any]
+    defaults: dict
+
+
+def task_info(name: str, seed: int = 0, **options: Any) -> TaskInfo:
+    """Metric, true number of clusters, model factory and preset of ``name``.
+
+    The server uses this instead of ``get_task``: in deployment it has no client data, and
+    in simulation there is no reason to decode MNIST/CIFAR on the server just to build a model.
+    """
+    if not isinstance(name, str) or name not in TASK_NAMES:
+        raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
+    if name in IMAGE_NAMES:
+        from .images import PAPER_PRESETS, image_defaults, model_for
+
+        dataset = name.split("-")[0]
+        c = options.get("num_clusters", options.get("num-clusters", PAPER_PRESETS[dataset][1]))
+        return TaskInfo(name, "accuracy", int(c), lambda: model_for(name), image_defaults(name, c))
+    task = get_task(name, num_clients=None, seed=seed, **options)  # embedded: cheap to build
+    return TaskInfo(name, task.metric, task.num_clusters, task.build_model, dict(task.defaults))
 
 
 def task_defaults(name: str, **options: Any) -> dict:

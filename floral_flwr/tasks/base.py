@@ -187,8 +187,8 @@ def rotate_images(x: np.ndarray, angle: float, hw_axes: tuple[int, int] = (-2, -
     """Rotate a batch of images counter-clockwise by ``angle`` degrees around the centre.
 
     Multiples of 90 use ``np.rot90`` (exact, what the tests compare against); other angles use
-    ``torchvision.transforms.functional.rotate`` (bilinear, zero fill), like the official code's
-    torchvision rotation. ``x`` is (..., H, W) for ``hw_axes=(-2, -1)`` or (N, H, W, C) with
+    ``torchvision.transforms.functional.rotate`` with its default nearest interpolation and zero
+    fill, as the official code calls it. ``x`` is (..., H, W) for ``hw_axes=(-2, -1)`` or (N, H, W, C) with
     ``hw_axes=(1, 2)``."""
     a = float(angle) % 360.0
     if a == 0.0:
@@ -202,9 +202,7 @@ def rotate_images(x: np.ndarray, angle: float, hw_axes: tuple[int, int] = (-2, -
     t = torch.from_numpy(np.ascontiguousarray(moved))
     flat = t.reshape(-1, 1, *t.shape[-2:])
     dtype = flat.dtype
-    out = TF.rotate(flat.float(), a, interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
-    if dtype == torch.uint8:
-        out = out.round().clamp(0, 255)
+    out = TF.rotate(flat, a, interpolation=TF.InterpolationMode.NEAREST, fill=0.0)
     out = out.to(dtype).reshape(t.shape).numpy()
     return np.ascontiguousarray(np.moveaxis(out, (-2, -1), ax))
 

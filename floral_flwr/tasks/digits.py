@@ -90,7 +90,10 @@ class DigitsTask(Task):
             self.shifts = resolve_shifts(opts["shifts"], self.num_clusters, self.num_classes)
         self.options = opts
         self.loss_fn = nn.CrossEntropyLoss()
-        self.defaults = default_preset(rounds=100, batch=8, lr=0.1, mixture_lr=1.0,
+        # Not a paper task: tuned on digits-label-shift (20 clients, seeds 0-2). With mixture
+        # lr 1.0 two clusters often merge into one adaptor for good (ARI stuck at 0.68); with
+        # 3.0 the mixtures commit while the adaptors specialize: ARI 1.0 by round 60-80.
+        self.defaults = default_preset(rounds=150, batch=8, lr=0.1, mixture_lr=3.0,
                                        adaptors=self.num_clusters, clients=20, rank=0.1)
         self.defaults["adapt-norm"] = False
         self.extra_defaults = {"server-optimizer": "fedavg", "server-lr": 1.0}

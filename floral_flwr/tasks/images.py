@@ -22,9 +22,11 @@ Per client: MNIST 60000/300 = 200 train and ~33 test rows; CIFAR-10 2500/500; CI
 
 Tensors: ``x`` float32 (N, C, H, W) in [0, 1]; CIFAR normalized with the usual per-channel
 mean/std (rotation is applied to the raw image first, as the official code rotates before
-normalizing); ``y`` int64. MNIST has no augmentation; CIFAR tasks expose ``task.augment(x, g)``
-(random horizontal flip + random crop 32 with 4 px zero padding, the official train transform)
-for training loops that want it.
+normalizing); ``y`` int64. MNIST has no augmentation; CIFAR tasks expose
+``task.augment(x, generator=None, cluster=None)`` (random horizontal flip + random crop 32 with
+4 px zero padding, the official train transform; pass ``cluster=task.cluster_of(cid)`` on rotate
+tasks so the flip acts on the upright image) for training loops that want it. CIFAR-100 is
+normalized with the CIFAR-10 statistics, as the official code does.
 
 Data sources: see :mod:`.sources` (``data_dir`` with ``train.parquet``/``test.parquet`` in the hub
 schema; never downloads unless ``download=True``).
@@ -95,17 +97,26 @@ def _labels_dataset(labels: np.ndarray, column: str):
     return Dataset.from_dict({column: labels})
 
 
-def make_augment(spec: DatasetSpec):
+def make_augment(spec: DatasetSpec, angles: Optional[tuple] = None):
     """Batch version of RandomHorizontalFlip + RandomCrop(32, padding=4) on normalized tensors
-    (the padding value is the normalized black pixel, as padding before normalization gives)."""
+    (the padding value is the normalized black pixel, as padding before normalization gives).
+
+    ``augment(x, generator=None, cluster=None)``. The official code flips/crops the upright image
+    and rotates afterwards; our tensors are already rotated, so for a cluster rotated by 90 or
+    270 degrees the upright horizontal flip is a vertical flip here (pass ``cluster``; crops
+    commute with the rotation up to the random offset)."""
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
     fill = (-mean / std)
 
-    def augment(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def augment(x: torch.Tensor, generator: Optional[torch.Generator] = None,
+                cluster: Optional[int] = None) -> torch.Tensor:
         n, c, h, w = x.shape
+        flip_dim = -1
+        if angles is not None and cluster is not None and float(angles[cluster]) % 180 == 90:
+            flip_dim = -2
         flip = torch.rand(n, generator=generator) < 0.5
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(flip_dim), x)
         padded = fill.to(x.dtype).expand(n, c, h + 8, w + 8).clone()
         padded[:, :, 4:4 + h, 4:4 + w] = x
         oy = torch.randint(0, 9, (n,), generator=generator)
@@ -117,6 +128,19 @@ def make_augment(spec: DatasetSpec):
         return padded[idx_n, idx_c, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
     return augment
+
+
+def model_for(name: str) -> nn.Module:
+    """The model of image task ``name`` (no data needed)."""
+    base = name[: -len("-reduced")] if name.endswith("-reduced") else name
+    dataset = base.split("-")[0]
+    spec = DATASETS[dataset]
+    if dataset == "mnist":
+        return MLP(spec.height * spec.width, 200, spec.num_classes)
+    if dataset == "cifar10":
+        return Cifar10CNN(spec.num_classes)
+    norm = {"cifar100": None, "cifar100-bn": "bn", "cifar100-gn": "gn"}[base]
+    return VGG8(spec.num_classes, norm=norm)
 
 
 class ImageTask(Task):
@@ -166,10 +190,11 @@ class ImageTask(Task):
         self.loss_fn = nn.CrossEntropyLoss()
         self.defaults = image_defaults(name, C)
         self.extra_defaults = image_extra_defaults(name)
-        self.augment = make_augment(self.spec) if self.spec.mean is not None else None
+        self.augment = (make_augment(self.spec, self.angles) if self.spec.mean is not None
+                        else None)
         if self.spec.mean is not None:
-            self._mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self._std = torch.tensor(self.spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+            self._mean_np = np.asarray(self.spec.mean, np.float32).reshape(1, -1, 1, 1)
+            self._std_np = np.asarray(self.spec.std, np.float32).reshape(1, -1, 1, 1)
 
         if data_path is not None:
             self._init_local(data_path, C, opts)
@@ -258,11 +283,7 @@ class ImageTask(Task):
         return cid % self.num_clusters
 
     def build_model(self) -> nn.Module:
-        if self.dataset == "mnist":
-            return MLP(self.spec.height * self.spec.width, 200, self.spec.num_classes)
-        if self.dataset == "cifar10":
-            return Cifar10CNN(self.spec.num_classes)
-        return VGG8(self.spec.num_classes, norm=self.norm)
+        return model_for(self.name)
 
     def client_data(self, cid: Any) -> ClientData:
         if self.data_path is not None:
@@ -276,12 +297,15 @@ class ImageTask(Task):
             x = rotate_images(x, self.angles[c], hw_axes=(1, 2))
         if c is not None and self.shifts is not None:
             y = (y + self.shifts[c]) % self.spec.num_classes
-        x = np.require(x, requirements=("C", "W"))  # copies read-only cached arrays
-        xt = torch.from_numpy(x).to(torch.float32).div_(255.0)
-        xt = xt.unsqueeze(1) if xt.ndim == 3 else xt.permute(0, 3, 1, 2).contiguous()
+        # numpy, not torch: small tensor ops with torch's intra-op threads are slow (10-100x)
+        # on a loaded 2-core machine; this path is single-threaded and copies exactly once
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+        xf = x.astype(np.float32, order="C")  # (N, C, H, W), C-contiguous, writable
+        xf *= np.float32(1.0 / 255.0)
         if self.spec.mean is not None:
-            xt = (xt - self._mean) / self._std
-        return xt, torch.from_numpy(np.asarray(y, dtype=np.int64).copy())
+            xf -= self._mean_np
+            xf /= self._std_np
+        return torch.from_numpy(xf), torch.from_numpy(np.asarray(y, dtype=np.int64).copy())
 
     def _make_client_data(self, cid: int) -> ClientData:
         if self.data_path is not None:

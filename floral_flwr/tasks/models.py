@@ -49,18 +49,20 @@ def linear_model(in_features: int = 10, out_features: int = 3, batch_norm: bool 
 
 
 class SimpleNN(nn.Module):
-    """The official ``SimpleNN``: 10 -> 20 ReLU -> 1 (optionally BatchNorm1d before the ReLU)."""
+    """The official ``SimpleNN``: Linear(10, 20) -> ReLU -> [BatchNorm1d(20)] -> Linear(20, 1)
+    (the official ``featurizer = Sequential(Linear, init_func(), init_norm(hidden))``: the norm
+    comes after the activation)."""
 
     def __init__(self, in_features: int = 10, hidden: int = 20, out_features: int = 1,
                  batch_norm: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden)
-        self.bn = nn.BatchNorm1d(hidden) if batch_norm else nn.Identity()
         self.act = nn.ReLU()
+        self.bn = nn.BatchNorm1d(hidden) if batch_norm else nn.Identity()
         self.fc2 = nn.Linear(hidden, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.bn(self.fc1(x))))
+        return self.fc2(self.bn(self.act(self.fc1(x))))
 
 
 class MLP(nn.Module):
@@ -110,10 +112,12 @@ def _norm_layer(norm: Optional[str], channels: int, groups: int) -> nn.Module:
 
 
 class VGG8(nn.Module):
-    """VGG-8 of the official CIFAR-100 task: five 3x3 convs (16, 32, 64, 128, 512; padding 1), each
-    followed by [norm] + ReLU + MaxPool2d(2) (32 -> 1 spatial), then FC 512-512-512-classes with
-    ReLU + Dropout(0.5) between them. ``norm``: None (paper, no BN), ``"bn"`` (BatchNorm2d) or
-    ``"gn"`` (GroupNorm with ``gn_groups`` groups) after each conv, for norm-adaptor experiments."""
+    """VGG-8 of the official CIFAR-100 task (``floral/model/vgg8.py``, from liehe/PRFL): five 3x3
+    convs (16, 32, 64, 128, 512; padding 1), each followed by [norm] + ReLU + MaxPool2d(2)
+    (32 -> 1 spatial), then Dropout, FC 512-512, ReLU, Dropout, FC 512-512, ReLU, FC 512-classes.
+    Conv weights ~ N(0, 2 / (k*k*out_channels)), conv biases 0, as in the official init.
+    ``norm``: None (paper, no BN), ``"bn"`` (BatchNorm2d, the official ``batch_norm=True``) or
+    ``"gn"`` (GroupNorm with ``gn_groups`` groups) after each conv, for norm-adaptor runs."""
 
     CHANNELS = (16, 32, 64, 128, 512)
 
@@ -129,10 +133,15 @@ class VGG8(nn.Module):
         self.features = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
         self.flatten = nn.Flatten()
         self.classifier = nn.Sequential(
-            nn.Linear(512, 512), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(512, 512), nn.ReLU(), nn.Dropout(dropout),
+            nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(),
             nn.Linear(512, num_classes),
         )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, (2.0 / n) ** 0.5)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.features(x)))

@@ -88,7 +88,7 @@ def _rotate_one(img: Any, angle: float) -> Any:
             op = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
                   270: Image.Transpose.ROTATE_270}[int(a)]
             return img.transpose(op)
-        return img.rotate(a, resample=Image.Resampling.BILINEAR)
+        return img.rotate(a, resample=Image.Resampling.NEAREST)
     arr = np.asarray(img)
     axes = (0, 1)  # HW or HWC
     return rotate_images(arr, a, hw_axes=axes)

@@ -77,7 +77,8 @@ DATASETS: dict[str, DatasetSpec] = {
                            (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": DatasetSpec("cifar100", "uoft-cs/cifar100", "img", "fine_label", ("coarse_label",),
                             "RGB", 32, 32, 100,
-                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                            # the official code normalizes CIFAR-100 with CIFAR-10's statistics
+                            (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
 }
 
 SPLITS = ("train", "test")

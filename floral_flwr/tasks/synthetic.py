@@ -6,7 +6,7 @@ Generative process (d = 10, adaptor rank r = 1, ``uv_constant`` = 2.0, c(k) = k 
   ``W ~ N(0,1)/sqrt(d)`` (d x d), ``u_c ~ N(0,1)/sqrt(d)`` (d x r), ``v_c ~ N(0,1)/sqrt(r)``
   (r x d) for c = 0..C-1, ``b ~ N(0,1)/sqrt(d)`` (d), ``W_out ~ N(0,1)/sqrt(d)`` (d x d_out);
 * client weights ``W_k = W + uv_constant * u_c(k) v_c(k)``;
-* data, torch generator seeded ``seed + 11``, clients in order 0..K-1:
+* data, torch generator seeded ``seed + 11``:
   ``x ~ N(0, I_d)``, ``h = x W_k + b``;
   linear: ``y = h[:, :3]``; MLP: ``y = ReLU(h) W_out`` (d_out = 1);
   plus ``noise_std * N(0, 1)`` label noise (0 by default, as in the paper);
@@ -16,15 +16,21 @@ Generative process (d = 10, adaptor rank r = 1, ``uv_constant`` = 2.0, c(k) = k 
 
 Variants:
 
-* ``-simple``: ``W = I``, ``u_c = e_c``, ``v_c = e_c^T`` (canonical basis vectors, so cluster c
-  scales coordinate c by ``1 + uv_constant``); ``b`` and ``W_out`` as above. Needs C <= d.
-* ``synthetic-mlp-bn``: model ``10 -> 20 -> BatchNorm1d(20) -> ReLU -> 1`` and targets built from
-  per-client normalized hidden units: ``y = ReLU((h - mean_k(h)) / std_k(h)) W_out`` (statistics
-  over the client's own samples); batch size 5 as in the official preset.
+* ``-simple`` (official ``simple=True``): ``W = I``, ``u_c = e_c``, ``v_c = e_c^T`` (so cluster
+  c scales coordinate c by ``1 + uv_constant``), ``b = 0``, ``W_out = 1 / sqrt(d)``. Needs C <= d.
+* ``synthetic-mlp-bn`` (official ``synthetic_mlp_bn``): model ``Linear(10, 20) -> ReLU ->
+  BatchNorm1d(20) -> Linear(20, 1)`` and targets from per-client normalized hidden units
+  (official ``normalize_hidden``): ``a = ReLU(h)``, ``y = ((a - mean_k(a)) / std_k(a)) W_out``
+  (statistics over the client's own samples, unbiased std); batch size 5 as in its preset.
 * ``synthetic-linear-bn`` (not in the paper; our analogue): model ``Linear(10, 3)`` followed by
   ``BatchNorm1d(3)``, targets ``(h - mean_k(h)) / std_k(h)`` on the first 3 coordinates.
   The sample count follows the ratio on the BN model's own parameter count (39 -> 10; MLP-BN
-  281 -> 140).
+  281 -> 140, as the official code counts the instantiated model).
+
+The parameter and data draws use the same generators, shapes and order as the official
+``SyntheticDataset`` (``W``, ``u``, ``v``, ``b``, ``W_out`` from ``seed + 27``; all clients' ``x``
+as one ``randn(K, n, d)`` from ``seed + 11``), so for K divisible by C the data match the
+official generator value for value; K not divisible by C is allowed here (client k -> k mod C).
 """
 
 from __future__ import annotations
@@ -112,37 +118,50 @@ class SyntheticTask(Task):
 
     # -- generator
     def _generate(self) -> None:
+        """Same draws, shapes and order as the official ``SyntheticDataset`` (seed + 27 for the
+        parameters, seed + 11 for the data, all clients' x in one ``randn(K, n, d)``)."""
         d, r, C, K, n = self.d, self.r, self.num_clusters, self.num_clients, self.samples_per_client
-        g = torch.Generator().manual_seed(self.seed + 27)
-        W = torch.randn(d, d, generator=g) / d ** 0.5
-        U = torch.randn(C, d, r, generator=g) / d ** 0.5
-        V = torch.randn(C, r, d, generator=g) / r ** 0.5
-        b = torch.randn(d, generator=g) / d ** 0.5
-        W_out = torch.randn(d, 1, generator=g) / d ** 0.5
         if self.variant == "simple":
             W = torch.eye(d)
             U = torch.zeros(C, d, r)
             V = torch.zeros(C, r, d)
-            for c in range(C):
-                U[c, c, 0] = 1.0
-                V[c, 0, c] = 1.0
+            for rr in range(r):
+                for c in range(C):
+                    U[c, c, rr] = 1.0
+                    V[c, rr, (c + rr) % d] = 1.0
+            b = torch.zeros(d)
+            W_out = torch.ones(d, self.d_out) / d ** 0.5
+        else:
+            g = torch.Generator().manual_seed(self.seed + 27)
+            W = torch.randn(d, d, generator=g) / d ** 0.5
+            U = torch.randn(C, d, r, generator=g) / d ** 0.5
+            V = torch.randn(C, r, d, generator=g) / r ** 0.5
+            b = torch.randn(d, generator=g) / d ** 0.5
+            W_out = torch.randn(d, self.d_out, generator=g) / d ** 0.5
         self.params = {"W": W, "U": U, "V": V, "b": b, "W_out": W_out}
+        cl = torch.arange(K) % C
+        Ws = W.unsqueeze(0) + self.uv_constant * (U @ V)[cl]          # (K, d, d), interleaved
         gd = torch.Generator().manual_seed(self.seed + 11)
+        xs = torch.randn(K, n, d, generator=gd)
+        hs = xs @ Ws + b
+        if self.kind == "linear":
+            if self.variant == "bn":  # ours: per-client standardized targets
+                hs = (hs - hs.mean(1, keepdim=True)) / hs.std(1, keepdim=True).clamp_min(1e-8)
+            ys = hs[:, :, : self.d_out]
+        else:
+            hs = torch.relu(hs)
+            if self.variant == "bn":  # official normalize_hidden: after the activation
+                hs = (hs - hs.mean(1, keepdim=True)) / hs.std(1, keepdim=True).clamp_min(1e-8)
+            ys = hs @ W_out
+        if self.noise_std > 0:
+            ys = ys + self.noise_std * torch.randn(ys.shape, generator=gd)
         gs = torch.Generator().manual_seed(self.seed + 13)
         n_test = int(np.floor(self.test_fraction * n)) if n > 1 else 0
         self._data: list[ClientData] = []
         for k in range(K):
-            c = k % C
-            Wk = W + self.uv_constant * U[c] @ V[c]
-            x = torch.randn(n, d, generator=gd)
-            h = x @ Wk + b
-            if self.variant == "bn":
-                h = (h - h.mean(0)) / h.std(0, unbiased=False).clamp_min(1e-8)
-            y = h[:, : self.d_out] if self.kind == "linear" else torch.relu(h) @ W_out
-            if self.noise_std > 0:
-                y = y + self.noise_std * torch.randn(y.shape, generator=gd)
             perm = torch.randperm(n, generator=gs)
             tr, te = perm[: n - n_test], perm[n - n_test:]
+            x, y = xs[k], ys[k]
             self._data.append(ClientData(x[tr].float().contiguous(), y[tr].float().contiguous(),
                                          x[te].float().contiguous(), y[te].float().contiguous()))
 
