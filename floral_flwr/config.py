@@ -20,10 +20,26 @@ from typing import Any, Mapping
 
 # Names of the choices are kept here (not imported from the strategy/method modules) so that
 # validating a config never imports torch or flwr.
-METHODS = ("floral", "floral-oracle", "fedavg", "local-adaptor")
+METHODS = (
+    "floral", "floral-oracle", "fedavg", "local-adaptor",
+    # baselines (floral_flwr/baselines)
+    "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa",
+)
+# (method, server-optimizer) pairs that cannot work together; checked before round 1.
+INCOMPATIBLE: dict[tuple[str, str], str] = {
+    (m, o): (
+        "IFCA keeps an unchosen cluster model unchanged, but a stateful server optimizer "
+        "(momentum / adaptive moments) keeps moving it with stale statistics; use "
+        "server-optimizer 'fedavg' or 'fedprox'"
+    )
+    for m in ("ifca",)
+    for o in ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
+}
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 CONV_METHODS = ("balanced_2d", "balanced", "in", "out")
 DEVICES = ("auto", "cpu", "cuda")
+MIXED_PRECISION = ("off", "bf16")
+AGGREGATIONS = ("mean", "sum-only")
 AUTO = "auto"
 
 # key -> default. Order = order in README and pyproject.toml.
@@ -48,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
     "momentum": 0.0,
     "weight-decay": 0.0,
     "device": "auto",
+    "num-threads": 0,
+    "mixed-precision": "off",
+    "compile": False,
     # the FLoRAL parameterization
     "num-adaptors": AUTO,
     "rank": AUTO,
@@ -65,6 +84,13 @@ DEFAULTS: dict[str, Any] = {
     "server-lr": 1.0,
     "server-momentum": 0.9,
     "proximal-mu": 0.01,
+    # "mean": clients send their states, the server weights and averages; "sum-only": clients
+    # send n_k*base_k, w_k(c)*adaptor_c^k and the weights, the server only sums and divides once
+    "aggregation": "mean",
+    # baselines and clients that never train
+    "holdout-clients": 0.0,
+    "adapt-steps": 20,
+    "ditto-lambda": 1.0,
     # data and outputs
     "data-dir": "",
     "output-dir": "~/floral-results",
@@ -103,6 +129,9 @@ class RunConfig:
     momentum: float
     weight_decay: float
     device: str
+    num_threads: int
+    mixed_precision: str
+    compile: bool
     num_adaptors: int
     rank: float | int | str
     alpha: float
@@ -118,6 +147,10 @@ class RunConfig:
     server_lr: float
     server_momentum: float
     proximal_mu: float
+    aggregation: str
+    holdout_clients: float
+    adapt_steps: int
+    ditto_lambda: float
     data_dir: str
     output_dir: str
     run_name: str
@@ -129,7 +162,7 @@ class RunConfig:
     @property
     def is_floral(self) -> bool:
         """True when the model carries FLoRAL adaptors (and a private mixture)."""
-        return self.method in ("floral", "floral-oracle", "local-adaptor")
+        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa")
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict of the resolved values (what config.json records)."""
@@ -326,6 +359,9 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         momentum=_as_float("momentum", merged["momentum"], 0.0, 1.0),
         weight_decay=_as_float("weight-decay", merged["weight-decay"], 0.0),
         device=_as_choice("device", merged["device"], DEVICES),
+        num_threads=_as_int("num-threads", merged["num-threads"], 0, 1024),
+        mixed_precision=_as_choice("mixed-precision", merged["mixed-precision"], MIXED_PRECISION),
+        compile=_as_bool("compile", merged["compile"]),
         num_adaptors=_as_int("num-adaptors", merged["num-adaptors"], 1),
         rank=_as_rank("rank", merged["rank"]),
         alpha=_as_float("alpha", merged["alpha"]),
@@ -343,6 +379,10 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         server_lr=_as_float("server-lr", merged["server-lr"], 0.0, lo_open=True),
         server_momentum=_as_float("server-momentum", merged["server-momentum"], 0.0, 1.0),
         proximal_mu=_as_float("proximal-mu", merged["proximal-mu"], 0.0),
+        aggregation=_as_choice("aggregation", merged["aggregation"], AGGREGATIONS),
+        holdout_clients=_as_float("holdout-clients", merged["holdout-clients"], 0.0, 0.9),
+        adapt_steps=_as_int("adapt-steps", merged["adapt-steps"], 0),
+        ditto_lambda=_as_float("ditto-lambda", merged["ditto-lambda"], 0.0),
         data_dir=data_dir,
         output_dir=output_dir,
         run_name=run_name,
@@ -351,6 +391,12 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         export_models=_as_bool("export-models", merged["export-models"]),
         raw=given,
     )
+    why = INCOMPATIBLE.get((cfg.method, cfg.server_optimizer))
+    if why is not None:
+        raise ConfigError(
+            f"run config 'method' = {cfg.method!r} cannot be combined with 'server-optimizer' = "
+            f"{cfg.server_optimizer!r}: {why}"
+        )
     if cfg.prob_floor * cfg.num_adaptors > 1.0:
         raise _err(
             "prob-floor",

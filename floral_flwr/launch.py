@@ -105,6 +105,9 @@ def launch(
 ) -> int:
     """Run the app once on a private simulation SuperLink; returns the process exit code."""
     env = {**os.environ, **OFFLINE_ENV}
+    # the SuperLink starts `flower-superexec` (and Ray its workers) through PATH: make sure this
+    # interpreter's environment comes first even when it is not activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     work = Path(work_dir or tempfile.mkdtemp(prefix="floral-launch-"))
     (work / "cli").mkdir(parents=True, exist_ok=True)
     port, control = free_port(), free_port()
@@ -158,6 +161,11 @@ def launch(
         link_log.close()
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # turn SIGTERM/SIGINT into an exception so launch()'s `finally` stops the SuperLink group
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--app", default=".", help="app directory (with pyproject.toml); default: .")
@@ -168,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
     p.add_argument("--work-dir", default=None, help="where SuperLink state and logs go (default: temp)")
     a = p.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a background job may inherit SIGINT ignored
+        signal.signal(sig, _exit_on_signal)
     return launch(a.app, a.run_config, a.num_supernodes, a.num_cpus, a.num_gpus, a.timeout, a.work_dir)
 
 

@@ -9,6 +9,18 @@ strategy and the results code never branch on the method name:
 - ``private_state_dict()`` / ``load_private_state_dict()``: what never leaves the client;
 - ``param_groups(lr, mixture_lr)``: optimizer groups (the mixture gets its own lr);
 - ``mixture()``: the eval-mode mixture p (C floats) or None; ``num_adaptors``: C on the wire.
+
+Hooks with defaults that the baselines (``floral_flwr.baselines``) override:
+
+- ``train_round(x, y, loss_fn, **kw)``: one round of local training (default: the SGD loop
+  :func:`floral_flwr.client.training.train_local`); ``train_metrics()``: extra reply metrics;
+- ``adaptor_weights(n)``: the per-slice aggregation weights w_k(c) sent with a train reply
+  (default n * p);
+- ``prepare_eval(x_train, y_train, loss_fn, cfg, device)``: what a client does on its train split
+  before personalized evaluation (IFCA picks its model, FedAvg-FT fine-tunes a copy);
+- ``adapt_groups(lr, mixture_lr)`` / ``adapt(...)``: how a client that never trained fits what
+  is personal (``holdout-clients``), with the shared weights frozen;
+- ``set_oracle(cluster)``: oracle methods fix the mixture at the true cluster.
 """
 
 from __future__ import annotations
@@ -51,6 +63,10 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     ),
     "fedavg": MethodSpec("fedavg", "FedAvg (McMahan et al., 2017): one global model", uses_adaptors=False),
 }
+# the baselines register themselves (fedavg-ft, ensemble, ensemble-oracle, ifca, fedem, ditto, feddpa)
+from floral_flwr.baselines import BASELINE_SPECS  # noqa: E402
+
+METHOD_SPECS.update({k: MethodSpec(k, **v) for k, v in BASELINE_SPECS.items()})
 
 
 class ModelHandle:
@@ -93,6 +109,48 @@ class ModelHandle:
 
     def mixture(self) -> list[float] | None:
         return None
+
+    # ---------------------------------------------------------------- hooks (see module doc)
+
+    def train_round(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, **kw: Any) -> Any:
+        from floral_flwr.client.training import train_local
+
+        return train_local(self, x, y, loss_fn, **kw)
+
+    def train_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def adaptor_weights(self, n: float) -> list[float]:
+        p = self.mixture()
+        return [float(n) * v for v in p] if p else []
+
+    def set_oracle(self, cluster: int) -> None:
+        raise ValueError(f"{type(self).__name__} has no oracle mixture")
+
+    def prepare_eval(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, cfg: RunConfig,
+                     device: torch.device | str = "cpu") -> None:
+        """Runs on the client's train split right before personalized evaluation."""
+
+    def prepare_zero_shot(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, cfg: RunConfig,
+                          device: torch.device | str = "cpu") -> None:
+        """A never-trained client, before its zero-shot evaluation (personal part at its init)."""
+
+    def bind_task(self, task: Any) -> None:
+        """Called once on the client with the task (e.g. to know classification vs regression)."""
+
+    def adapt_groups(self, lr: float, mixture_lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups of what a never-trained client fits (empty: nothing personal)."""
+        return []
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, cfg: RunConfig,
+              device: torch.device | str = "cpu", steps: int | None = None) -> int:
+        """Fit only what is personal on (x, y) for ``steps`` SGD steps (shared weights frozen:
+        they are not in the optimizer). Returns the number of steps taken."""
+        steps = cfg.adapt_steps if steps is None else steps
+        groups = [g for g in self.adapt_groups(cfg.lr, cfg.mixture_lr) if g["params"]]
+        if not groups or steps <= 0:
+            return 0
+        return sgd_steps(self, groups, x, y, loss_fn, steps, cfg.batch_size, cfg.seed, device)
 
     def kind(self) -> str:
         """Identifies method + shapes, so a private-state file of another model is refused."""
@@ -153,12 +211,49 @@ class FloralHandle(ModelHandle):
     def regularization_loss(self) -> torch.Tensor | float:
         return self.floral.regularization_loss()
 
+    def set_oracle(self, cluster: int) -> None:
+        self.floral.set_oracle(int(cluster))
+
+    def adapt_groups(self, lr: float, mixture_lr: float) -> list[dict[str, Any]]:
+        if self.local_adaptors:  # the private adaptor (its mixture is fixed)
+            params = [p for k, p in self.floral.named_parameters() if "adaptor" in k and p.requires_grad
+                      and p not in set(self.floral.mixture_parameters())]
+            return [{"params": params, "lr": lr}]
+        mix = [p for p in self.floral.mixture_parameters() if p.requires_grad]
+        return [{"params": mix, "lr": mixture_lr}]
+
     def mixture(self) -> list[float] | None:
         with torch.no_grad():
             p = self.floral.probs().detach().float().cpu()
         if p.ndim == 2:  # per-layer mixtures: report the mean over layers
             p = p.mean(0)
         return [float(v) for v in p]
+
+
+def sgd_steps(handle: ModelHandle, groups: list[dict[str, Any]], x: torch.Tensor, y: torch.Tensor,
+              loss_fn: nn.Module, steps: int, batch_size: int, seed: int,
+              device: torch.device | str = "cpu") -> int:
+    """``steps`` plain SGD steps on ``groups`` over shuffled mini-batches of (x, y)."""
+    model = handle.module
+    model.train()
+    opt = torch.optim.SGD(groups, lr=groups[0]["lr"])
+    gen = torch.Generator().manual_seed(int(seed) + 7)
+    n = int(y.shape[0])
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            if done >= steps:
+                break
+            idx = perm[start:start + batch_size]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            out = model(xb)
+            out = out.reshape(yb.shape) if out.shape != yb.shape and out.numel() == yb.numel() else out
+            (loss_fn(out, yb) + handle.regularization_loss()).backward()
+            opt.step()
+            done += 1
+    return done
 
 
 def floral_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -181,6 +276,10 @@ def floral_kwargs(cfg: RunConfig) -> dict[str, Any]:
 def build_handle(cfg: RunConfig, build_model: Callable[[], nn.Module]) -> ModelHandle:
     """Build the method's model deterministically from ``cfg.seed`` (same on every client)."""
     spec = METHOD_SPECS[cfg.method]
+    if cfg.method in BASELINE_SPECS:
+        from floral_flwr.baselines import build_baseline_handle
+
+        return build_baseline_handle(cfg, build_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model()
@@ -201,8 +300,8 @@ def check_method_task(cfg: RunConfig, task_clusters: int | None) -> None:
             f"method '{cfg.method}' needs ground-truth clusters, but task '{cfg.task}' has none: "
             f"use a task with known clusters or method 'floral'"
         )
-    if cfg.method == "floral-oracle" and task_clusters and cfg.num_adaptors < task_clusters:
+    if spec.needs_clusters and task_clusters and cfg.num_adaptors < task_clusters:
         raise ValueError(
-            f"method 'floral-oracle' needs num-adaptors >= the task's {task_clusters} clusters, "
+            f"method '{cfg.method}' needs num-adaptors >= the task's {task_clusters} clusters, "
             f"got num-adaptors = {cfg.num_adaptors}"
         )

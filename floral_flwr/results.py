@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,42 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from floral_flwr.fileio import atomic_write_bytes, load_npz, save_npz
+
 ROUND_FIELDS = [
     "round", "elapsed-s", "round-s", "train-loss", "sampled", "received", "failures", "rejected",
     "metric", "mean", "std", "worst10", "weighted", "cluster-ari", "bytes-up", "bytes-down",
 ]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    _atomic_write_bytes(path, _npz_bytes(arrays))
-
-
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 def _versions() -> dict[str, str]:
@@ -119,7 +87,7 @@ class RunRecorder:
         info = {"config": config, "versions": _versions(), "git-revision": _git_revision(),
                 "resumed": resume, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         name = "config.json" if not (resume and (self.run_dir / "config.json").exists()) else "config-resume.json"
-        _atomic_write_bytes(self.run_dir / name, json.dumps(info, indent=2, default=str).encode())
+        atomic_write_bytes(self.run_dir / name, json.dumps(info, indent=2, default=str).encode())
         if not resume:
             for f in ("rounds.csv", "clients.csv"):
                 (self.run_dir / f).unlink(missing_ok=True)
@@ -135,10 +103,15 @@ class RunRecorder:
         save_npz(self.ckpt_dir / f"state-{server_round:06d}.npz", arrays)
         save_npz(self.ckpt_dir / f"optimizer-{server_round:06d}.npz", optimizer)
         meta = {"round": server_round, "elapsed-s": self.elapsed(), **extra}
-        _atomic_write_bytes(self.ckpt_dir / "meta.json", json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(self.ckpt_dir / "meta.json", json.dumps(meta, indent=2).encode())
         for p in self.ckpt_dir.glob("*-*.npz"):
             if not p.name.endswith(f"-{server_round:06d}.npz"):
                 p.unlink(missing_ok=True)
+
+    def latest_state(self) -> dict[str, np.ndarray]:
+        """The global arrays of the newest checkpoint (no side effects)."""
+        meta = json.loads((self.ckpt_dir / "meta.json").read_text())
+        return load_npz(self.ckpt_dir / f"state-{int(meta['round']):06d}.npz")
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
         meta = json.loads((self.ckpt_dir / "meta.json").read_text())
@@ -244,7 +217,7 @@ class RunRecorder:
             "parameters": self.parameter_report,
             **extra,
         }
-        _atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=float).encode())
+        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=float).encode())
         return summary
 
     def write_plots(self) -> list[Path]:

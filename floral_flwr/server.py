@@ -8,7 +8,6 @@ no checkpoint) is detected here, before round 1, and reported as one :class:`Con
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -73,6 +72,31 @@ def prepare_run(cfg: RunConfig) -> tuple[Any, Any, RunRecorder]:
     return task, handle, recorder
 
 
+def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
+                  train_config: ConfigRecord, cfg: RunConfig) -> int:
+    """Ask every client to save its personalized (merged) model on its own side."""
+    from flwr.app import Message, MessageType, RecordDict
+
+    state = load_state_for_export(recorder)
+    config = ConfigRecord({**dict(train_config), "export": True, "server-round": cfg.num_server_rounds})
+    msgs = [
+        Message(RecordDict({"arrays": state, "config": config}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in grid.get_node_ids()
+    ]
+    done = 0
+    for reply in grid.send_and_receive(msgs, timeout=cfg.reply_timeout):
+        if not reply.has_error() and int(reply.content["metrics"].get("exported", 0)):
+            done += 1
+        elif reply.has_error():
+            log(logging.WARNING, "export on node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+    print(f"[floral] {done} client(s) exported their personalized model (kept on the client side)", flush=True)
+    return done
+
+
+def load_state_for_export(recorder: RunRecorder) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in recorder.latest_state().items()})
+
+
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Run the whole federation; returns the summary that is also written to summary.json."""
     try:
@@ -102,6 +126,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         proximal_mu=cfg.proximal_mu,
         client_lr=cfg.lr,
     )
+    strategy.sum_only = cfg.aggregation == "sum-only"
     start_round = 1
     arrays = initial
     if cfg.resume:
@@ -148,6 +173,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             start_round=start_round,
             on_round_end=on_round_end,
         )
+    exported = export_models(grid, strategy, recorder, train_config, cfg) if cfg.export_models else None
     per_round = [r for r in rounds_log]
     summary = recorder.write_summary(
         {
@@ -163,6 +189,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             "bytes-up-per-round": float(np.mean([r["bytes-up"] for r in per_round])) if per_round else None,
             "bytes-down-per-round": float(np.mean([r["bytes-down"] for r in per_round])) if per_round else None,
             "run-dir": str(run_dir),
+            "exported-models": exported,
         }
     )
     recorder.write_plots()

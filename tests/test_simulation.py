@@ -82,6 +82,16 @@ def test_results_are_written_consistently_and_replies_carry_no_mixture(tmp_path,
     for png in ("metric.png", "loss.png", "mixtures.png"):
         assert (run / "plots" / png).stat().st_size > 1000
 
+    # --- the same seed gives the same model in the Ray simulation and in-process (InlineGrid):
+    # every source of randomness is seeded by (seed, round, client id), none by the engine
+    from floral_flwr.inline import run_inline
+
+    run_inline({**cfg, "run-name": "inline"}, 4)
+    other = load_npz(tmp_path / "inline" / "checkpoint" / "state-000003.npz")
+    assert other.keys() == state.keys()
+    for key in state:
+        np.testing.assert_array_equal(other[key], state[key], err_msg=key)
+
 
 @pytest.mark.slow
 def test_floral_beats_fedavg_on_synthetic_linear(tmp_path):

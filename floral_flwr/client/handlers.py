@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -22,9 +23,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from floral_flwr.client.state_store import StateDir
+from floral_flwr.fileio import save_npz
+from floral_flwr.strategy.aggregate import scale_for_sum
 from floral_flwr.client.training import evaluate_local, seed_for, train_local
 from floral_flwr.config import RunConfig, parse_run_config
-from floral_flwr.methods import ModelHandle, build_handle, check_method_task
+from floral_flwr.holdout import holdout_clients
+from floral_flwr.methods import METHOD_SPECS, ModelHandle, build_handle, check_method_task
 from floral_flwr.tasks import get_task
 
 logger = logging.getLogger("floral_flwr")
@@ -42,6 +46,7 @@ class ClientSetup:
 
 
 _SETUPS: dict[tuple, ClientSetup] = {}
+SETUP_STATS = {"builds": 0, "hits": 0}  # per process: how often get_setup built vs re-used
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -76,12 +81,44 @@ def get_setup(context: Context, run_config: Mapping[str, Any] | None = None) -> 
         check_method_task(cfg, task.num_clusters)
         device = _device(cfg)
         handle = build_handle(cfg, task.build_model)
+        handle.bind_task(task)
         handle.module.to(device)
         handle._initial_private = handle.private_state_dict()
+        apply_performance_options(cfg, handle, device)
         setup = ClientSetup(cfg, task, handle, device)
         _SETUPS.clear()  # one config per process at a time: bounded memory
         _SETUPS[key] = setup
+        SETUP_STATS["builds"] += 1
+    else:
+        SETUP_STATS["hits"] += 1
     return setup
+
+
+def engine_cpus() -> int | None:
+    """CPUs the engine reserved for this ClientApp process: Ray's assignment in simulation,
+    else ``OMP_NUM_THREADS`` when set; None when nothing says (then torch's default stays)."""
+    ray = sys.modules.get("ray")  # imported in simulation actors; never imported just for this
+    try:
+        if ray is not None and ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(round(cpus)))
+    except Exception:  # pragma: no cover - no ray, or not in a Ray worker
+        pass
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+def apply_performance_options(cfg: RunConfig, handle: ModelHandle, device: torch.device) -> None:
+    """Run-config performance keys, applied once per process when the setup is built:
+    ``num-threads`` (torch intra-op threads), ``mixed-precision`` (bf16 autocast on CUDA) and
+    ``compile`` (``torch.compile`` of the training forward). The training loop reads
+    ``handle.autocast_dtype`` and ``handle.train_forward``."""
+    threads = cfg.num_threads or engine_cpus()
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    handle.autocast_dtype = torch.bfloat16 if (cfg.mixed_precision == "bf16" and device.type == "cuda") else None
+    handle.train_forward = torch.compile(handle.module) if cfg.compile else None
 
 
 # ----------------------------------------------------------------------------- private state
@@ -101,13 +138,26 @@ def _state_dir(context: Context, cfg: RunConfig, client_id: int, config: ConfigR
     return None
 
 
+def open_store(context: Context, setup: ClientSetup, client_id: int, config: ConfigRecord) -> StateDir | None:
+    """This client's on-disk private-state store, or None (memory only).
+
+    Writes are always atomic (a killed process never leaves a torn file). They are also
+    fsynced (durable across power loss) only for a node's own ``state-dir``: in simulation the
+    state lives in the run directory and an fsync per client per round costs ~10 ms for nothing.
+    """
+    root = _state_dir(context, setup.cfg, client_id, config)
+    if root is None:
+        return None
+    return StateDir(root, setup.handle.kind(), durable=bool(context.node_config.get("state-dir")))
+
+
 def restore_private(setup: ClientSetup, context: Context, store: StateDir | None, server_round: int) -> None:
     """Load the newest private state saved before ``server_round`` (memory, then disk)."""
     handle = setup.handle
     handle.reset_private()
-    if setup.cfg.method == "floral-oracle":
+    if METHOD_SPECS[setup.cfg.method].needs_clusters:  # floral-oracle, ensemble-oracle
         cluster = setup.task.cluster_of(client_identity(context)[0])
-        handle.floral.set_oracle(int(cluster))
+        handle.set_oracle(int(cluster))
         return
     best: tuple[int, dict[str, torch.Tensor]] | None = None
     if STATE_KEY in context.state.array_records:
@@ -118,6 +168,10 @@ def restore_private(setup: ClientSetup, context: Context, store: StateDir | None
         on_disk = store.load(before_round=server_round)
         if on_disk is not None and (best is None or on_disk.round > best[0]):
             best = (on_disk.round, on_disk.tensors)
+            if STATE_KEY not in context.state.array_records:
+                # a restarted SuperNode or a new run: Flower's context.state is empty
+                print(f"[floral] private state of round {on_disk.round} restored from {store.root}",
+                      file=sys.stderr, flush=True)
     if best is None:
         return
     try:
@@ -160,8 +214,19 @@ def _shared_record(handle: ModelHandle) -> ArrayRecord:
 
 
 def _mixture_weights(handle: ModelHandle, n: int) -> list[float]:
-    p = handle.mixture()
-    return [float(n) * v for v in p] if p else []
+    return handle.adaptor_weights(n)  # n * p by default; per-method rule otherwise (baselines)
+
+
+def is_holdout(context: Context, cfg: RunConfig, task: Any = None) -> bool:
+    """This client never trains (run config ``holdout-clients``; stratified by the task's true
+    clusters when it has them, see :func:`floral_flwr.holdout.holdout_clients`)."""
+    if cfg.holdout_clients <= 0:
+        return False
+    cid, num = client_identity(context)
+    clusters = None
+    if task is not None and getattr(task, "num_clusters", None):
+        clusters = [task.cluster_of(i) for i in range(num)]
+    return cid in holdout_clients(num, cfg.holdout_clients, cfg.seed, clusters)
 
 
 def _augment_for(task: Any, cid: int) -> Any:
@@ -180,23 +245,19 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
     cid, _ = client_identity(context)
     config = msg.content["config"]
     rnd = int(config["server-round"])
-    store = None
-    root = _state_dir(context, cfg, cid, config)
-    if root is not None:
-        store = StateDir(root, setup.handle.kind())
+    store = open_store(context, setup, cid, config)
     _load_shared(setup, msg)
     restore_private(setup, context, store, rnd)
     data = setup.task.client_data(cid)
     torch.manual_seed(seed_for(cfg.seed, rnd, cid))  # mixture noise, dropout
-    result = train_local(
-        setup.handle,
+    result = setup.handle.train_round(
         data.train_x,
         data.train_y,
         setup.task.loss_fn,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
-        mixture_lr=0.0 if cfg.method == "floral-oracle" else cfg.mixture_lr,
+        mixture_lr=0.0 if METHOD_SPECS[cfg.method].needs_clusters else cfg.mixture_lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -209,10 +270,21 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
         "num-examples": result.num_examples,
         "train-loss": result.loss,
         "client-id": cid,
+        **setup.handle.train_metrics(),
     }
     if setup.handle.num_adaptors:
         metrics["adaptor-weights"] = _mixture_weights(setup.handle, result.num_examples)
-    content = RecordDict({"arrays": _shared_record(setup.handle), "metrics": MetricRecord(metrics)})
+    arrays = _shared_record(setup.handle)
+    if cfg.aggregation == "sum-only":  # send n_k*base_k and w_k(c)*adaptor_c^k: the server only sums
+        scaled = scale_for_sum({k: a.numpy() for k, a in arrays.items()}, result.num_examples,
+                               metrics.get("adaptor-weights"))
+        arrays = ArrayRecord({k: Array(v) for k, v in scaled.items()})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    fault = context.node_config.get("fault")
+    if fault:  # TEST ONLY: deliberate bad replies for the fault tests (floral_flwr/client/faults.py)
+        from floral_flwr.client.faults import inject_fault
+
+        content = inject_fault(str(fault), content, rnd)
     return Message(content, reply_to=msg)
 
 
@@ -222,12 +294,27 @@ def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any
     cid, _ = client_identity(context)
     config = msg.content["config"]
     rnd = int(config["server-round"])
-    root = _state_dir(context, cfg, cid, config)
-    store = StateDir(root, setup.handle.kind()) if root is not None else None
+    store = open_store(context, setup, cid, config)
     _load_shared(setup, msg)
     # evaluation after round r uses the state saved in round r
     restore_private(setup, context, store, rnd + 1)
     data = setup.task.client_data(cid)
+    task, handle = setup.task, setup.handle
+    extra: dict[str, Any] = {}
+    torch.manual_seed(seed_for(cfg.seed, rnd, cid) + 2)
+    if is_holdout(context, cfg, setup.task):
+        # never trained: zero-shot (personal part at its init), then fit only what is personal
+        handle.reset_private()
+        if METHOD_SPECS[cfg.method].needs_clusters:
+            handle.set_oracle(int(task.cluster_of(cid)))
+        handle.prepare_zero_shot(data.train_x, data.train_y, task.loss_fn, cfg, setup.device)
+        zs_loss, zs_value, _ = evaluate_local(handle, data.test_x, data.test_y, task.loss_fn, task.metric,
+                                              device=setup.device)
+        steps = handle.adapt(data.train_x, data.train_y, task.loss_fn, cfg, setup.device)
+        extra = {"holdout": 1, f"zero-shot-{task.metric}": zs_value, "zero-shot-loss": zs_loss,
+                 "adapt-steps": int(steps)}
+    else:
+        handle.prepare_eval(data.train_x, data.train_y, task.loss_fn, cfg, setup.device)
     loss, value, n = evaluate_local(
         setup.handle, data.test_x, data.test_y, setup.task.loss_fn, setup.task.metric, device=setup.device
     )
@@ -239,21 +326,51 @@ def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any
         "client-id": cid,
         "true-cluster": -1 if cluster is None else int(cluster),
     }
+    metrics.update(extra)
     mix = setup.handle.mixture()
     if mix:
         metrics["mixture"] = mix
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+def export_personalized(setup: ClientSetup, context: Context, msg: Message, cid: int) -> str | None:
+    """Save this client's personalized model (mixture folded in, plain base architecture) on
+    the client's side: its state dir, else the run's client-state dir. Returns the path.
+
+    The model stays where it was made: only the path goes back to the server.
+    """
+    config = msg.content["config"]
+    rnd = int(config.get("server-round", 1 << 30))
+    store = open_store(context, setup, cid, config)
+    if store is None:
+        return None
+    root = str(store.root)
+    _load_shared(setup, msg)
+    restore_private(setup, context, store, rnd + 1)
+    floral = getattr(setup.handle, "floral", None)
+    model = floral.merge() if floral is not None else setup.handle.module
+    arrays = {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+              for k, v in model.state_dict().items()}
+    path = os.path.join(root, "personalized-model.npz")
+    save_npz(path, arrays)
+    return path
+
+
 def handle_query(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
-    """Discovery: the server learns this node's client id and train-set size."""
+    """Discovery: the server learns this node's client id and train-set size. With
+    ``config["export"]`` (and the global arrays), the client exports its personalized model."""
     setup = get_setup(context, run_config)
     cid, _ = client_identity(context)
+    if "config" in msg.content.config_records and msg.content["config"].get("export"):
+        path = export_personalized(setup, context, msg, cid)
+        return Message(RecordDict({"metrics": MetricRecord({"client-id": cid, "exported": int(path is not None)})}),
+                       reply_to=msg)
     data = setup.task.client_data(cid)
     cluster = setup.task.cluster_of(cid)
     metrics = {
         "client-id": cid,
         "num-train-examples": data.num_train,
         "true-cluster": -1 if cluster is None else int(cluster),
+        "holdout": int(is_holdout(context, setup.cfg, setup.task)),
     }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -7,7 +7,8 @@ restarts and new runs:
 
 - Safe format: a ``.npz`` written and read with ``allow_pickle=False`` plus a JSON header;
   nothing is ever unpickled.
-- Atomic: written to a temporary file in the same directory, fsynced, then ``os.replace``d.
+- Atomic: written to a temporary file in the same directory, then ``os.replace``d; fsynced
+  first when ``durable`` (a node's own state dir), so it also survives power loss.
 - Checked: the header holds a SHA-256 over the arrays and each array's shape/dtype, and the
   state's *kind* (a string naming method + model shapes). A corrupt, truncated or foreign file
   is reported with a warning and the client starts fresh instead of crashing or using garbage.
@@ -20,7 +21,6 @@ restarts and new runs:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from floral_flwr.fileio import atomic_write_bytes, npz_bytes
 
 logger = logging.getLogger("floral_flwr")
 
@@ -65,9 +67,10 @@ def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 class StateDir:
     """Private state files of one client in ``root`` (created on first save)."""
 
-    def __init__(self, root: str | os.PathLike, kind: str) -> None:
+    def __init__(self, root: str | os.PathLike, kind: str, durable: bool = True) -> None:
         self.root = Path(root)
         self.kind = kind
+        self.durable = durable  # fsync before the atomic rename (survives power loss)
 
     def _versions(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
@@ -89,20 +92,9 @@ class StateDir:
             "sha256": _digest(arrays),
             "arrays": {k: [str(a.dtype), list(a.shape)] for k, a in arrays.items()},
         }
-        buf = io.BytesIO()
-        np.savez(buf, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+        header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         target = self.root / f"round-{server_round:06d}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(target, npz_bytes({"__header__": header_bytes, **arrays}), fsync=self.durable)
         for _, old in self._versions()[:-KEEP_VERSIONS]:
             old.unlink(missing_ok=True)
         return target

@@ -9,6 +9,7 @@ run end with the same model as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -74,6 +75,13 @@ def train_local(
     gen = torch.Generator().manual_seed(generator_seed)
     n = int(y.shape[0])
     total, count, steps = 0.0, 0, 0
+    # run-config 'compile' / 'mixed-precision' (set once per process by the client setup)
+    forward = getattr(handle, "train_forward", None)
+    if forward is None:
+        forward = model
+    amp_dtype = getattr(handle, "autocast_dtype", None)
+    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
+                if amp_dtype is not None else contextlib.nullcontext())
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
@@ -84,8 +92,9 @@ def train_local(
             xb = xb.to(device, non_blocking=True)
             yb = y[idx].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            out = model(xb)
-            loss = loss_fn(out.reshape(yb.shape) if out.shape != yb.shape and out.numel() == yb.numel() else out, yb)
+            with autocast:
+                out = forward(xb)
+                loss = loss_fn(out.reshape(yb.shape) if out.shape != yb.shape and out.numel() == yb.numel() else out, yb)
             objective = loss + handle.regularization_loss()
             if anchors is not None:
                 objective = objective + 0.5 * proximal_mu * sum(

@@ -154,11 +154,12 @@ class LinearAdaptor(Adaptor):
         return self._scaled_out(p) @ a.reshape(-1, a.shape[-1])
 
     def fold_weight(self, weight: Tensor, p: Tensor, alpha: float) -> Tensor:
-        a = self._parameters["in"]
-        out = torch.addmm(weight, self._scaled_out(p), a.reshape(-1, a.shape[-1]), alpha=alpha)
-        if out.dtype != weight.dtype:  # autocast: keep the parameter's dtype
+        if torch.is_autocast_enabled(weight.device.type):
+            # autocast would run addmm in low precision and round the base weight too; keep the
+            # parameter's dtype (the layer casts it for its own matmul anyway).
             return super().fold_weight(weight, p, alpha)
-        return out
+        a = self._parameters["in"]
+        return torch.addmm(weight, self._scaled_out(p), a.reshape(-1, a.shape[-1]), alpha=alpha)
 
     def add_lowrank(self, out: Tensor, x: Tensor, p: Tensor, alpha: float) -> Tensor:
         """Unfolded path: ``out + alpha * sum_c p_c B_c A_c x`` (cheaper than folding when
@@ -168,8 +169,7 @@ class LinearAdaptor(Adaptor):
         x2 = x.reshape(-1, d_in)
         h = (x2 @ a.reshape(c * r, d_in).t()).view(-1, c, r) * _cast(p, a).view(c, 1)
         bt = b.transpose(1, 2).reshape(c * r, b.shape[1])
-        y = torch.addmm(out.reshape(-1, out.shape[-1]), h.view(-1, c * r), bt,
-                        alpha=alpha)
+        y = torch.addmm(out.reshape(-1, out.shape[-1]), h.view(-1, c * r), bt, alpha=alpha)
         return y.view(out.shape)
 
 

@@ -10,8 +10,9 @@ Adaptor tensors are stacked with the adaptor index as leading dimension (key pre
 ``adaptor.``), so the per-adaptor weighting is one broadcast multiply per tensor. The factors
 A and B are averaged separately, as in the paper's code (not their product).
 
-The accumulator is streaming: it keeps one float64 running sum per key and folds each reply in as
-it arrives, so server memory does not grow with the number of replies. An adaptor slice that got
+The accumulator is streaming: it keeps one float64 running sum per key (and one reused float64
+scratch buffer of the largest tensor for the weighted product) and folds each reply in as it
+arrives, so server memory does not grow with the number of replies. An adaptor slice that got
 zero total weight this round (no sampled client uses it) keeps its previous value.
 """
 
@@ -48,14 +49,19 @@ class FloralAccumulator:
         self._base_weight = 0.0
         self._adaptor_weight = np.zeros(max(self.num_adaptors, 0), dtype=np.float64)
         self.num_replies = 0
+        self._buf: np.ndarray | None = None
 
     def add(
         self,
         arrays: Mapping[str, np.ndarray],
         num_examples: float,
         adaptor_weights: Sequence[float] | None = None,
+        presummed: bool = False,
     ) -> None:
-        """Fold one client's state in. ``adaptor_weights[c]`` is w_k(c) = n_k p_k(c)."""
+        """Fold one client's state in. ``adaptor_weights[c]`` is w_k(c) = n_k p_k(c).
+
+        ``presummed``: the arrays are already n_k * base_k and w_k(c) * adaptor_c^k (sum-only
+        aggregation, see :func:`scale_for_sum`); they are only added up."""
         n = float(num_examples)
         w = (
             np.zeros(self.num_adaptors)
@@ -66,25 +72,49 @@ class FloralAccumulator:
             raise ValueError(f"adaptor_weights has shape {w.shape}, expected ({self.num_adaptors},)")
         for key, value in arrays.items():
             x = np.asarray(value)
-            if is_adaptor_key(key):
-                # w[c] * x[c, ...] for every c at once
-                contrib = x * w.reshape((-1,) + (1,) * (x.ndim - 1))
-            else:
-                contrib = x * n
             acc = self._sums.get(key)
-            if acc is None:
-                self._sums[key] = contrib.astype(np.float64, copy=True)
+            if presummed and np.issubdtype(x.dtype, np.floating):
+                factor = None  # integer buffers are sent unscaled (see scale_for_sum)
+            elif is_adaptor_key(key):
+                # w[c] * x[c, ...] for every c at once; the weights in the array's own float dtype
+                # (like the scalar n below) keep numpy's multiply loop in float32, rounding each
+                # product once (relative 6e-8); the sum is float64
+                wf = w.astype(x.dtype) if x.dtype.kind == "f" else w
+                factor = wf.reshape((-1,) + (1,) * (x.ndim - 1))
             else:
-                acc += contrib
+                factor = n  # a Python float: numpy keeps x's dtype for the product
+            if acc is None:  # first reply: write the product straight into the running sum
+                acc = self._sums[key] = np.empty(x.shape, dtype=np.float64)
+                if factor is None:
+                    acc[...] = x
+                else:
+                    np.multiply(x, factor, out=acc)
+            elif factor is None:
+                np.add(acc, x, out=acc)
+            else:
+                # the product (computed in x's dtype) stored as float64 into a reused scratch
+                # buffer, then one in-place float64 add: no per-reply temporaries (fresh large
+                # allocations page-fault on every reply)
+                tmp = self._scratch(x.size).reshape(x.shape)
+                np.multiply(x, factor, out=tmp)
+                np.add(acc, tmp, out=acc)
         self._base_weight += n
         if self.num_adaptors:
             self._adaptor_weight += w
         self.num_replies += 1
 
+    def _scratch(self, size: int) -> np.ndarray:
+        """A float64 work buffer of at least ``size`` values, reused across keys and replies
+        (memory: one buffer of the largest tensor, independent of the number of replies)."""
+        if self._buf is None or self._buf.size < size:
+            self._buf = np.empty(size, dtype=np.float64)
+        return self._buf[:size]
+
     def result(self) -> dict[str, np.ndarray]:
         """The aggregated state, in the template's dtypes. Requires at least one reply."""
         if self.num_replies == 0:
             raise ValueError("no replies were added")
+        self._buf = None  # the scratch buffer is not needed any more
         out: dict[str, np.ndarray] = {}
         for key, old in self.template.items():
             total = self._sums[key]
@@ -105,6 +135,32 @@ class FloralAccumulator:
     @property
     def total_examples(self) -> float:
         return self._base_weight
+
+
+def scale_for_sum(
+    arrays: Mapping[str, np.ndarray],
+    num_examples: float,
+    adaptor_weights: Sequence[float] | None,
+) -> dict[str, np.ndarray]:
+    """Client side of sum-only aggregation: ``n_k * base_k`` and ``w_k(c) * adaptor_c^k``.
+
+    The server then needs only sums (of these arrays and of the weights) and one division per
+    tensor, which is the form secure aggregation computes. Dtypes are kept (float32 on the wire).
+    """
+    n = float(num_examples)
+    w = None if adaptor_weights is None else np.asarray(adaptor_weights, dtype=np.float64)
+    out: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        x = np.asarray(value)
+        if not np.issubdtype(x.dtype, np.floating):
+            out[key] = x  # integer buffers (e.g. BatchNorm counters) cannot be pre-scaled exactly
+            continue
+        if is_adaptor_key(key) and w is not None:
+            scaled = x.astype(np.float64) * w.reshape((-1,) + (1,) * (x.ndim - 1))
+        else:
+            scaled = x.astype(np.float64) * n
+        out[key] = scaled.astype(x.dtype)
+    return out
 
 
 def aggregate_floral(

@@ -20,6 +20,7 @@ What this class adds over FedAvg:
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -81,10 +82,34 @@ class RoundStats:
     bytes_up: int = 0
     seconds_train: float = 0.0
     seconds_eval: float = 0.0
+    seconds_aggregate: float = 0.0  # server time in aggregate_train (decode, validate, accumulate)
 
 
 def _nbytes(record: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in record.values()))
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only numpy view of a Flower ``Array``'s ``.npy`` bytes, without the copy that
+    ``Array.numpy()`` makes (np.load into a fresh array). Same result as ``array.numpy()``;
+    falls back to it for anything but a plain C-ordered numeric array."""
+    data = array.data
+    if array.stype == "numpy.ndarray" and isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            buf = io.BytesIO(data)
+            version = np.lib.format.read_magic(buf)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+            else:
+                raise ValueError(version)
+            if not fortran and not dtype.hasobject:
+                count = int(np.prod(shape, dtype=np.int64))
+                return np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell()).reshape(shape)
+        except ValueError:
+            pass
+    return array.numpy()
 
 
 def summarize_eval(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
@@ -114,6 +139,20 @@ def summarize_eval(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
 
             assigned = [int(np.argmax(m)) for m in mixtures]
             out["cluster-ari"] = float(adjusted_rand_score(clusters, assigned))
+    return out
+
+
+def summarize_holdout(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    """Clients that never trained: zero-shot vs adapted metric (means over those clients)."""
+    zs = [float(r[f"zero-shot-{metric}"]) for r in rows if f"zero-shot-{metric}" in r]
+    ad = [float(r[metric]) for r in rows]
+    out = {
+        "holdout-num-clients": float(len(rows)),
+        f"holdout-{metric}-adapted": float(np.mean(ad)),
+        "holdout-adapt-steps": float(np.mean([float(r.get("adapt-steps", 0)) for r in rows])),
+    }
+    if zs:
+        out[f"holdout-{metric}-zero-shot"] = float(np.mean(zs))
     return out
 
 
@@ -179,8 +218,14 @@ class FloralStrategy(FedAvg):
         self.eval_every = int(eval_every)
         self.num_rounds = int(num_rounds)
         self.node_wait_timeout = float(node_wait_timeout)
+        # run config aggregation = "sum-only": replies carry n_k*base_k and w_k(c)*adaptor_c^k
+        self.sum_only = bool(getattr(self, "sum_only", False))
         self.client_ids: dict[int, int] = {}  # node id -> client id (partition id)
         self.client_sizes: dict[int, float] = {}  # node id -> declared train examples
+        # node ids replaced by a newer node with the same client id (a restarted SuperNode gets a
+        # new node id; the old one stays "online" in the SuperLink until its heartbeat expires)
+        self.superseded: set[int] = set()
+        self.holdout_nodes: set[int] = set()  # nodes that never train (run config holdout-clients)
         self._template: dict[str, np.ndarray] | None = None
         self._dtypes: dict[str, np.dtype] | None = None
         self.stats: RoundStats = RoundStats(0)
@@ -230,8 +275,16 @@ class FloralStrategy(FedAvg):
                 continue
             try:
                 m = reply.content["metrics"]
-                self.client_ids[node] = int(m["client-id"])
+                cid = int(m["client-id"])
+                for old, old_cid in self.client_ids.items():
+                    if old_cid == cid and old != node and old not in self.superseded:
+                        self.superseded.add(old)
+                        log(INFO, "node %d serves client %d now; node %d (restarted or replaced) is dropped",
+                            node, cid, old)
+                self.client_ids[node] = cid
                 self.client_sizes[node] = float(m["num-train-examples"])
+                if int(m.get("holdout", 0)):
+                    self.holdout_nodes.add(node)
             except (KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "Node %d sent a malformed discovery reply (%s): ignored", node, exc)
         if errors and not self.client_ids:
@@ -246,7 +299,11 @@ class FloralStrategy(FedAvg):
         """Deterministic sample of ``max(int(N * fraction), minimum)`` nodes for this round."""
         nodes = self.wait_for_nodes(grid, max(self.min_available_nodes, minimum))
         self.discover(grid)
-        nodes = self._ordered(n for n in grid.get_node_ids() if n in self.client_ids) or self._ordered(nodes)
+        nodes = self._ordered(
+            n for n in grid.get_node_ids() if n in self.client_ids and n not in self.superseded
+        ) or self._ordered(nodes)
+        if salt == 0 and self.holdout_nodes:  # training: held-out clients never take part
+            nodes = [n for n in nodes if n not in self.holdout_nodes]
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
         if size >= len(nodes):
             return nodes
@@ -280,6 +337,7 @@ class FloralStrategy(FedAvg):
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         self.stats.sampled = len(nodes)
+        self._awaiting = set(nodes)  # sampled nodes whose reply has not arrived (yet)
         self.stats.bytes_down = _nbytes(arrays) * len(nodes)
         return self._construct_messages(record, nodes, MessageType.TRAIN)
 
@@ -288,13 +346,19 @@ class FloralStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, then fold the good ones into the p(k|c) accumulator."""
         assert self._template is not None, "configure_train must run before aggregate_train"
+        t_start = time.perf_counter()
         acc = FloralAccumulator(self._template, self.num_adaptors)
         losses, weights = [], []
+        sampled = set(getattr(self, "_awaiting", ()))
+        awaiting = set(sampled)
+        seen, errors = 0, []
         for msg in replies:
+            seen += 1
             node = msg.metadata.src_node_id
+            awaiting.discard(node)
             if msg.has_error():
                 self.stats.failures += 1
-                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                errors.append((node, msg.error.reason))
                 continue
             try:
                 if self.arrayrecord_key not in msg.content.array_records:
@@ -302,7 +366,7 @@ class FloralStrategy(FedAvg):
                 if "metrics" not in msg.content.metric_records:
                     raise InvalidReply("no MetricRecord 'metrics'")
                 record = msg.content.array_records[self.arrayrecord_key]
-                arrays = {k: a.numpy() for k, a in record.items()}
+                arrays = {k: array_view(a) for k, a in record.items()}
                 checked = validate_train_reply(
                     arrays,
                     msg.content.metric_records["metrics"],
@@ -314,10 +378,20 @@ class FloralStrategy(FedAvg):
                 self.stats.rejected += 1
                 log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, exc)
                 continue
-            acc.add(checked.arrays, checked.num_examples, checked.adaptor_weights)
+            acc.add(checked.arrays, checked.num_examples, checked.adaptor_weights, presummed=self.sum_only)
             self.stats.bytes_up += _nbytes(record)
             losses.append(checked.train_loss)
             weights.append(checked.num_examples)
+        for node, reason in errors:
+            # the SuperLink answers for a node whose heartbeat expired (src = the SuperLink)
+            who = str(node) if (node in sampled or not sampled) else f"{sorted(awaiting)} (answered by the SuperLink)"
+            log(WARNING, "round %d: node %s failed: %s", server_round, who, reason)
+        missing = len(sampled) - seen
+        if missing > 0:  # no reply within reply-timeout: a SuperNode died or is too slow
+            self.stats.failures += missing
+            log(WARNING, "round %d: %d sampled node(s) among %s sent no reply within the reply timeout "
+                "(run config 'reply-timeout'): counted as failures", server_round, missing, sorted(awaiting))
+        self._awaiting = set()
         self.stats.received = acc.num_replies
         self.total_failures += self.stats.failures
         self.total_rejected += self.stats.rejected
@@ -330,6 +404,7 @@ class FloralStrategy(FedAvg):
         )
         if acc.num_replies == 0:
             log(WARNING, "round %d: no valid replies, the global model is unchanged", server_round)
+            self.stats.seconds_aggregate = time.perf_counter() - t_start
             return None, None
         self.stats.train_loss = float(np.average(losses, weights=weights))
         self.stats.adaptor_totals = acc.adaptor_totals.tolist()
@@ -337,7 +412,9 @@ class FloralStrategy(FedAvg):
         metrics = MetricRecord(
             {"train-loss": self.stats.train_loss, "num-replies": acc.num_replies}
         )
-        return ArrayRecord({k: Array(v) for k, v in result.items()}), metrics
+        out = ArrayRecord({k: Array(v) for k, v in result.items()})
+        self.stats.seconds_aggregate = time.perf_counter() - t_start
+        return out, metrics
 
     # ------------------------------------------------------------------ evaluate
 
@@ -380,7 +457,11 @@ class FloralStrategy(FedAvg):
             rows.append(row)
         rows.sort(key=lambda r: r["client-id"])
         self.stats.eval_rows = rows
-        self.stats.eval_summary = summarize_eval(rows, self.metric)
+        trained = [r for r in rows if not r.get("holdout")]
+        held = [r for r in rows if r.get("holdout")]
+        self.stats.eval_summary = summarize_eval(trained or rows, self.metric)
+        if held:
+            self.stats.eval_summary.update(summarize_holdout(held, self.metric))
         return MetricRecord(self.stats.eval_summary) if rows else None
 
     # ------------------------------------------------------------------ the loop

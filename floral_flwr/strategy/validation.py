@@ -115,6 +115,12 @@ def validate_eval_metrics(
     for key in ("client-id", "true-cluster"):
         if key in metrics:
             out[key] = int(_finite_number(key, metrics[key]))
+    for key in ("holdout", "adapt-steps"):  # clients that never trained (holdout-clients)
+        if key in metrics:
+            out[key] = int(_finite_number(key, metrics[key]))
+    for key in (f"zero-shot-{metric_name}", "zero-shot-loss"):
+        if key in metrics:
+            out[key] = _finite_number(key, metrics[key])
     if num_adaptors and "mixture" in metrics:
         mix = metrics["mixture"]
         if not isinstance(mix, (list, tuple)) or (

@@ -1,0 +1,146 @@
+"""Performance plumbing, checked for behaviour only (no wall-clock thresholds): the streaming
+accumulator equals the naive weighted sum and holds memory independent of the number of replies;
+the zero-copy reply decoding equals Flower's; the ClientApp set-up cache hits across rounds and
+clients; the performance run-config keys reach the client."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from floral_flwr.config import ConfigError, parse_run_config
+from floral_flwr.strategy.aggregate import FloralAccumulator, is_adaptor_key
+from floral_flwr.strategy.floral_strategy import array_view
+
+C = 3
+
+
+def _state(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "base.w": rng.standard_normal((5, 4)).astype(np.float32),
+        "base.b": rng.standard_normal(5).astype(np.float32),
+        "base.count": np.array(rng.integers(0, 100), dtype=np.int64),  # 0-d integer buffer
+        "adaptor.l.in": rng.standard_normal((C, 2, 4)).astype(np.float32),
+        "adaptor.l.out": rng.standard_normal((C, 5, 2)).astype(np.float32),
+    }
+
+
+def _naive(template, replies):
+    """The rule written out per client and per adaptor slice, in float64."""
+    out = {}
+    for k, ref in template.items():
+        if is_adaptor_key(k):
+            agg = np.empty(ref.shape)
+            for c in range(C):
+                wsum = sum(w[c] for _, _, w in replies)
+                agg[c] = sum(w[c] * a[k][c].astype(np.float64) for a, _, w in replies) / wsum
+        else:
+            agg = sum(n * a[k].astype(np.float64) for a, n, _ in replies) / sum(n for _, n, _ in replies)
+        out[k] = agg
+    return out
+
+
+@pytest.mark.parametrize("num_replies", [1, 2, 7])
+def test_accumulator_equals_naive_weighted_sum(num_replies):
+    rng = np.random.default_rng(num_replies)
+    template = _state(rng)
+    replies = []
+    for _ in range(num_replies):
+        n = float(rng.integers(1, 50))
+        replies.append((_state(rng), n, (n * rng.dirichlet(np.ones(C))).tolist()))
+    acc = FloralAccumulator(template, C)
+    for arrays, n, w in replies:
+        acc.add(arrays, n, w)
+    got, ref = acc.result(), _naive(template, replies)
+    for k in template:
+        assert got[k].dtype == template[k].dtype and got[k].shape == template[k].shape
+        np.testing.assert_allclose(got[k], ref[k].astype(template[k].dtype), rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_accumulator_memory_does_not_grow_with_replies():
+    rng = np.random.default_rng(0)
+    template = _state(rng)
+    acc = FloralAccumulator(template, C)
+    held = []
+    for _ in range(20):
+        acc.add(_state(rng), 3.0, [1.0, 1.0, 1.0])
+        buffers = list(acc._sums.values()) + ([acc._buf] if acc._buf is not None else [])
+        held.append((len(buffers), sum(b.nbytes for b in buffers)))
+    assert len(set(held[1:])) == 1  # after the first reply: the same buffers, the same bytes
+    assert len(acc._sums) == len(template)
+    assert acc._buf.size <= max(v.size for v in template.values())
+
+
+def test_array_view_equals_flower_decoding():
+    for a in (np.arange(12, dtype=np.float32).reshape(3, 4), np.array(7, dtype=np.int64),
+              np.zeros((0, 2), np.float32), np.asfortranarray(np.ones((3, 2))), np.array([True, False])):
+        arr = Array(a)
+        got, ref = array_view(arr), arr.numpy()
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_performance_keys_are_validated():
+    cfg = parse_run_config({"num-threads": "2", "mixed-precision": "bf16", "compile": "true"})
+    assert cfg.num_threads == 2 and cfg.mixed_precision == "bf16" and cfg.compile is True
+    for key, value in (("num-threads", -1), ("mixed-precision", "fp8"), ("compile", "maybe")):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            parse_run_config({key: value})
+
+
+def _message(arrays: ArrayRecord, rnd: int) -> Message:
+    from floral_flwr.client import make_client_app
+    from floral_flwr.inline import InlineGrid
+
+    InlineGrid(make_client_app(), 0)  # Flower's task identity, to build messages outside Flower
+    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
+                   dst_node_id=42, message_type=MessageType.TRAIN)
+
+
+def test_client_setup_is_built_once_and_reused_across_rounds_and_clients():
+    from floral_flwr.client import handlers
+    from floral_flwr.methods import build_handle
+    from floral_flwr.tasks import get_task
+
+    run = {"task": "digits-label-shift", "num-adaptors": 4, "batch-size": 32, "persist-client-state": False}
+    cfg = parse_run_config(run)
+    handle = build_handle(cfg, get_task(cfg.task, num_clients=6, seed=0).build_model)
+    arrays = ArrayRecord({k: Array(v.detach().numpy()) for k, v in handle.shared_state_dict().items()})
+    contexts = [Context(run_id=1, node_id=10 + k, node_config={"partition-id": k, "num-partitions": 6},
+                        state=RecordDict(), run_config={}) for k in range(3)]
+    handlers._SETUPS.clear()
+    before = dict(handlers.SETUP_STATS)
+    setups = set()
+    for rnd in (1, 2, 3):
+        for ctx in contexts:
+            reply = handlers.handle_train(_message(arrays, rnd), ctx, run)
+            assert not reply.has_error()
+            setups.add(id(next(iter(handlers._SETUPS.values()))))
+    assert len(setups) == 1 and len(handlers._SETUPS) == 1
+    assert handlers.SETUP_STATS["builds"] - before["builds"] == 1
+    assert handlers.SETUP_STATS["hits"] - before["hits"] == 8
+    # the private state of each client lives in its own context, not in the shared setup
+    assert all("floral.private" in ctx.state.array_records for ctx in contexts)
+
+
+def test_performance_options_reach_the_training_loop():
+    from floral_flwr.client import handlers
+    from floral_flwr.methods import build_handle
+    from floral_flwr.tasks import get_task
+
+    threads = torch.get_num_threads()
+    try:
+        cfg = parse_run_config({"task": "digits-label-shift", "num-threads": 1, "mixed-precision": "bf16",
+                                "compile": True})
+        handle = build_handle(cfg, get_task(cfg.task, num_clients=4, seed=0).build_model)
+        handlers.apply_performance_options(cfg, handle, torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        assert handle.autocast_dtype is None  # bf16 autocast is for CUDA only
+        assert handle.train_forward is not None  # compiled lazily on the first call
+        cuda = parse_run_config({"task": "digits-label-shift", "mixed-precision": "bf16"})
+        handlers.apply_performance_options(cuda, handle, torch.device("cuda"))
+        assert handle.autocast_dtype == torch.bfloat16 and handle.train_forward is None
+    finally:
+        torch.set_num_threads(threads)
