@@ -31,14 +31,13 @@ backbone, so the adaptation is:
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from floral_flwr.client.training import TrainResult, train_local
+from floral_flwr.client.training import train_local
 from floral_flwr.floral import Floral
 from floral_flwr.methods import ModelHandle, floral_kwargs, sgd_steps
 
