@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from floral_flwr.client.training import TrainResult
+from floral_flwr.client.training import TrainResult, minibatches
 from floral_flwr.methods import ModelHandle
 
 from .common import fit_output
@@ -120,30 +120,24 @@ class DittoHandle(ModelHandle):
         gen = torch.Generator().manual_seed(generator_seed)
         n = int(y.shape[0])
         total, count, steps = 0.0, 0, 0
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n, batch_size):
-                idx = perm[start:start + batch_size]
-                xb = x[idx]
-                if augment is not None:
-                    xb = augment(xb, gen)
-                xb, yb = xb.to(device), y[idx].to(device)
-                # personal step, prox to the round-start global model
-                opt_v.zero_grad(set_to_none=True)
-                lv = loss_fn(fit_output(v(xb), yb), yb)
-                (lv + 0.5 * self.lam * sum((p - a).pow(2).sum() for p, a in zip(v.parameters(), anchor))).backward()
-                opt_v.step()
-                # global step (plain local SGD; FedProx term when configured)
-                opt_g.zero_grad(set_to_none=True)
-                lg = loss_fn(fit_output(g(xb), yb), yb)
-                obj = lg
-                if proximal_mu > 0:
-                    obj = obj + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(g.parameters(), anchor))
-                obj.backward()
-                opt_g.step()
-                total += float(lg.detach()) * int(yb.shape[0])
-                count += int(yb.shape[0])
-                steps += 1
+        for _, xb, yb in minibatches(x, y, epochs=epochs, batch_size=batch_size, generator=gen,
+                                     augment=augment, device=device):
+            # personal step, prox to the round-start global model
+            opt_v.zero_grad(set_to_none=True)
+            lv = loss_fn(fit_output(v(xb), yb), yb)
+            (lv + 0.5 * self.lam * sum((p - a).pow(2).sum() for p, a in zip(v.parameters(), anchor))).backward()
+            opt_v.step()
+            # global step (plain local SGD; FedProx term when configured)
+            opt_g.zero_grad(set_to_none=True)
+            lg = loss_fn(fit_output(g(xb), yb), yb)
+            obj = lg
+            if proximal_mu > 0:
+                obj = obj + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(g.parameters(), anchor))
+            obj.backward()
+            opt_g.step()
+            total += float(lg.detach()) * int(yb.shape[0])
+            count += int(yb.shape[0])
+            steps += 1
         mean = total / max(count, 1)
         if not math.isfinite(mean):
             raise FloatingPointError(f"local training diverged: mean loss {mean}")

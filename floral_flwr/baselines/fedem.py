@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from floral_flwr.client.training import TrainResult
+from floral_flwr.client.training import TrainResult, minibatches
 
 from .common import MultiModel, MultiModelHandle, as_list, per_sample_loss
 
@@ -102,25 +102,20 @@ class FedEMHandle(MultiModelHandle):
         gen = torch.Generator().manual_seed(generator_seed)
         n = int(y.shape[0])
         total, count, steps = 0.0, 0, 0
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n, batch_size):
-                idx = perm[start:start + batch_size]
-                xb = x[idx]
-                if augment is not None:
-                    xb = augment(xb, gen)
-                xb, yb, qb = xb.to(device), y[idx].to(device), q[idx.to(q.device)]
-                opt.zero_grad(set_to_none=True)
-                losses = torch.stack([per_sample_loss(m(xb), yb, loss_fn) for m in models], 1)  # (B, M)
-                loss = (qb * losses).sum() / yb.shape[0]
-                obj = loss
-                if anchors is not None:
-                    obj = obj + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in anchors)
-                obj.backward()
-                opt.step()
-                total += float(loss.detach()) * int(yb.shape[0])
-                count += int(yb.shape[0])
-                steps += 1
+        for idx, xb, yb in minibatches(x, y, epochs=epochs, batch_size=batch_size, generator=gen,
+                                       augment=augment, device=device):
+            qb = q[idx.to(q.device)]
+            opt.zero_grad(set_to_none=True)
+            losses = torch.stack([per_sample_loss(m(xb), yb, loss_fn) for m in models], 1)  # (B, M)
+            loss = (qb * losses).sum() / yb.shape[0]
+            obj = loss
+            if anchors is not None:
+                obj = obj + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in anchors)
+            obj.backward()
+            opt.step()
+            total += float(loss.detach()) * int(yb.shape[0])
+            count += int(yb.shape[0])
+            steps += 1
         mean = total / max(count, 1)
         if not math.isfinite(mean):
             raise FloatingPointError(f"local training diverged: mean loss {mean}")

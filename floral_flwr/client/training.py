@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,6 +31,33 @@ def seed_for(seed: int, server_round: int, client_id: int) -> int:
     """A 63-bit seed that differs per (run seed, round, client)."""
     x = (seed * 1_000_003 + server_round) * 998_244_353 + client_id
     return (x * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def minibatches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, x_batch, y_batch)`` over ``epochs`` shuffled passes.
+
+    Every method's local loop draws its batches here, so that one seeded ``generator`` decides
+    the permutation of each epoch and then the augmentation of each batch, in that order:
+    this is what makes a client's round reproducible (and a resumed run exact).
+    """
+    n = int(y.shape[0])
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            xb = x[idx]
+            if augment is not None:  # e.g. CIFAR random crop/flip
+                xb = augment(xb, generator)
+            yield idx, xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
 
 
 def _metric_sum(metric: str, outputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -82,29 +109,22 @@ def train_local(
     amp_dtype = getattr(handle, "autocast_dtype", None)
     autocast = (torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
                 if amp_dtype is not None else contextlib.nullcontext())
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            xb = x[idx]
-            if augment is not None:  # e.g. CIFAR random crop/flip, seeded like the shuffling
-                xb = augment(xb, gen)
-            xb = xb.to(device, non_blocking=True)
-            yb = y[idx].to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            with autocast:
-                out = forward(xb)
-                loss = loss_fn(out.reshape(yb.shape) if out.shape != yb.shape and out.numel() == yb.numel() else out, yb)
-            objective = loss + handle.regularization_loss()
-            if anchors is not None:
-                objective = objective + 0.5 * proximal_mu * sum(
-                    (p - a).pow(2).sum() for p, a in anchors
-                )
-            objective.backward()
-            opt.step()
-            total += float(loss.detach()) * int(yb.shape[0])
-            count += int(yb.shape[0])
-            steps += 1
+    for _, xb, yb in minibatches(x, y, epochs=epochs, batch_size=batch_size, generator=gen,
+                                 augment=augment, device=device):
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = forward(xb)
+            loss = loss_fn(out.reshape(yb.shape) if out.shape != yb.shape and out.numel() == yb.numel() else out, yb)
+        objective = loss + handle.regularization_loss()
+        if anchors is not None:
+            objective = objective + 0.5 * proximal_mu * sum(
+                (p - a).pow(2).sum() for p, a in anchors
+            )
+        objective.backward()
+        opt.step()
+        total += float(loss.detach()) * int(yb.shape[0])
+        count += int(yb.shape[0])
+        steps += 1
     loss_mean = total / max(count, 1)
     if not math.isfinite(loss_mean):
         raise FloatingPointError(f"local training diverged: mean loss {loss_mean}")
