@@ -22,14 +22,13 @@ Per client k: min_v F_k(v) + (lambda/2) ||v - w*||^2 with w* the FedAvg global m
 from __future__ import annotations
 
 import copy
-import math
 from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from floral_flwr.client.training import TrainResult, minibatches
+from floral_flwr.client.training import LossTracker, minibatches, proximal_term
 from floral_flwr.methods import ModelHandle
 
 from .common import fit_output
@@ -119,26 +118,21 @@ class DittoHandle(ModelHandle):
         opt_v = torch.optim.SGD(vp, lr=lr, momentum=momentum, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(generator_seed)
         n = int(y.shape[0])
-        total, count, steps = 0.0, 0, 0
+        tracker = LossTracker()
         for _, xb, yb in minibatches(x, y, epochs=epochs, batch_size=batch_size, generator=gen,
                                      augment=augment, device=device):
             # personal step, prox to the round-start global model
             opt_v.zero_grad(set_to_none=True)
             lv = loss_fn(fit_output(v(xb), yb), yb)
-            (lv + 0.5 * self.lam * sum((p - a).pow(2).sum() for p, a in zip(v.parameters(), anchor))).backward()
+            (lv + proximal_term(zip(v.parameters(), anchor), self.lam)).backward()
             opt_v.step()
             # global step (plain local SGD; FedProx term when configured)
             opt_g.zero_grad(set_to_none=True)
             lg = loss_fn(fit_output(g(xb), yb), yb)
             obj = lg
             if proximal_mu > 0:
-                obj = obj + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(g.parameters(), anchor))
+                obj = obj + proximal_term(zip(g.parameters(), anchor), proximal_mu)
             obj.backward()
             opt_g.step()
-            total += float(lg.detach()) * int(yb.shape[0])
-            count += int(yb.shape[0])
-            steps += 1
-        mean = total / max(count, 1)
-        if not math.isfinite(mean):
-            raise FloatingPointError(f"local training diverged: mean loss {mean}")
-        return TrainResult(mean, n, steps)
+            tracker.add(lg, int(yb.shape[0]))
+        return tracker.result(n)

@@ -27,14 +27,13 @@ components frozen (the official ``update_test_clients`` does one).
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from floral_flwr.client.training import TrainResult, minibatches
+from floral_flwr.client.training import LossTracker, minibatches, proximal_term
 
 from .common import MultiModel, MultiModelHandle, as_list, per_sample_loss
 
@@ -101,7 +100,7 @@ class FedEMHandle(MultiModelHandle):
         self.module.train()
         gen = torch.Generator().manual_seed(generator_seed)
         n = int(y.shape[0])
-        total, count, steps = 0.0, 0, 0
+        tracker = LossTracker()
         for idx, xb, yb in minibatches(x, y, epochs=epochs, batch_size=batch_size, generator=gen,
                                        augment=augment, device=device):
             qb = q[idx.to(q.device)]
@@ -110,16 +109,11 @@ class FedEMHandle(MultiModelHandle):
             loss = (qb * losses).sum() / yb.shape[0]
             obj = loss
             if anchors is not None:
-                obj = obj + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in anchors)
+                obj = obj + proximal_term(anchors, proximal_mu)
             obj.backward()
             opt.step()
-            total += float(loss.detach()) * int(yb.shape[0])
-            count += int(yb.shape[0])
-            steps += 1
-        mean = total / max(count, 1)
-        if not math.isfinite(mean):
-            raise FloatingPointError(f"local training diverged: mean loss {mean}")
-        return TrainResult(mean, n, steps)
+            tracker.add(loss, int(yb.shape[0]))
+        return tracker.result(n)
 
     def adapt(self, x, y, loss_fn, cfg, device="cpu", steps=None) -> int:  # type: ignore[override]
         steps = cfg.adapt_steps if steps is None else steps

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -31,6 +31,30 @@ def seed_for(seed: int, server_round: int, client_id: int) -> int:
     """A 63-bit seed that differs per (run seed, round, client)."""
     x = (seed * 1_000_003 + server_round) * 998_244_353 + client_id
     return (x * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+class LossTracker:
+    """Example-weighted mean of the training loss over a round, with the divergence check that
+    every method's local loop needs (a NaN/Inf mean stops the client instead of sending garbage)."""
+
+    def __init__(self) -> None:
+        self.total, self.count, self.steps = 0.0, 0, 0
+
+    def add(self, loss: torch.Tensor, batch_size: int) -> None:
+        self.total += float(loss.detach()) * batch_size
+        self.count += batch_size
+        self.steps += 1
+
+    def result(self, num_examples: int) -> TrainResult:
+        mean = self.total / max(self.count, 1)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"local training diverged: mean loss {mean}")
+        return TrainResult(mean, num_examples, self.steps)
+
+
+def proximal_term(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], mu: float) -> torch.Tensor | float:
+    """FedProx / Ditto: (mu / 2) * sum ||w - anchor||^2 over (weight, anchor) pairs."""
+    return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in pairs)
 
 
 def minibatches(
@@ -101,7 +125,7 @@ def train_local(
         anchors = [(p, p.detach().clone()) for g in handle.param_groups(lr, 0.0)[:1] for p in g["params"]]
     gen = torch.Generator().manual_seed(generator_seed)
     n = int(y.shape[0])
-    total, count, steps = 0.0, 0, 0
+    tracker = LossTracker()
     # run-config 'compile' / 'mixed-precision' (set once per process by the client setup)
     forward = getattr(handle, "train_forward", None)
     if forward is None:
@@ -117,18 +141,11 @@ def train_local(
             loss = loss_fn(out.reshape(yb.shape) if out.shape != yb.shape and out.numel() == yb.numel() else out, yb)
         objective = loss + handle.regularization_loss()
         if anchors is not None:
-            objective = objective + 0.5 * proximal_mu * sum(
-                (p - a).pow(2).sum() for p, a in anchors
-            )
+            objective = objective + proximal_term(anchors, proximal_mu)
         objective.backward()
         opt.step()
-        total += float(loss.detach()) * int(yb.shape[0])
-        count += int(yb.shape[0])
-        steps += 1
-    loss_mean = total / max(count, 1)
-    if not math.isfinite(loss_mean):
-        raise FloatingPointError(f"local training diverged: mean loss {loss_mean}")
-    return TrainResult(loss_mean, n, steps)
+        tracker.add(loss, int(yb.shape[0]))
+    return tracker.result(n)
 
 
 @torch.no_grad()
