@@ -218,6 +218,38 @@ def test_digits_custom_angles_and_label_shift_mapping():
         assert np.array_equal(d.train_x[:, 0].numpy(), x[ls.train_idx[cid]])  # no rotation
 
 
+def test_digits_reduced_keeps_a_seeded_subset_of_the_same_train_rows_and_all_test_rows():
+    x, y = load_digits_arrays()
+    for base in ("digits-rotate", "digits-label-shift"):
+        full = get_task(base, num_clients=20, seed=3)
+        red = get_task(base + "-reduced", num_clients=20, seed=3)
+        for cid in range(20):
+            n_full = len(full.train_idx[cid])
+            # 5 % of ~72 rows is 4, below the minimum of 10
+            assert len(red.train_idx[cid]) == max(10, round(0.05 * n_full)) == 10
+            assert set(red.train_idx[cid]) <= set(full.train_idx[cid])
+            assert np.array_equal(red.test_idx[cid], full.test_idx[cid])
+            d, c = red.client_data(cid), red.cluster_of(cid)
+            assert d.num_train == 10 and d.num_test == len(full.test_idx[cid])
+            if base == "digits-rotate":
+                exp = np.rot90(x[red.train_idx[cid]], k=c, axes=(1, 2))
+                assert np.array_equal(d.train_x[:, 0].numpy(), exp)
+            else:
+                assert np.array_equal(d.train_y.numpy(), (y[red.train_idx[cid]] + c) % 10)
+        assert red.clusters == full.clusters and red.defaults == full.defaults
+    # a larger fraction wins over the minimum; seeds change the subset
+    big = get_task("digits-rotate-reduced", num_clients=20, seed=3, reduced_fraction=0.5)
+    assert all(len(i) == round(0.5 * len(f)) for i, f in
+               zip(big.train_idx, get_task("digits-rotate", num_clients=20, seed=3).train_idx))
+    other = get_task("digits-rotate-reduced", num_clients=20, seed=4)
+    assert not np.array_equal(other.train_idx[0], get_task("digits-rotate-reduced", num_clients=20,
+                                                            seed=3).train_idx[0])
+    with pytest.raises(ValueError, match="reduced_fraction"):
+        get_task("digits-rotate-reduced", num_clients=20, reduced_fraction=1.5)
+    with pytest.raises(ValueError, match="reduced_fraction"):  # only the -reduced tasks take it
+        get_task("digits-rotate", num_clients=20, reduced_fraction=0.5)
+
+
 _DET_SCRIPT = """
 import json, sys
 from floral_flwr.tasks import get_task

@@ -12,7 +12,8 @@ Tasks (``TASK_NAMES``):
 
 * ``synthetic-linear``, ``synthetic-mlp`` (+ ``-simple``, ``-bn``): the paper's generator
   (``floral_flwr.tasks.synthetic``), regression, metric ``"mse"``.
-* ``digits-rotate``, ``digits-label-shift``: scikit-learn digits, offline (``.digits``).
+* ``digits-rotate``, ``digits-label-shift``: scikit-learn digits, offline (``.digits``); each
+  also ``-reduced`` (the scarce-data rule below, same test splits).
 * ``mnist-rotate``, ``mnist-label-shift``, ``cifar10-rotate``, ``cifar10-label-shift``,
   ``cifar100`` (+ ``cifar100-bn``, ``cifar100-gn`` VGG-8 norm variants), each also ``-reduced``
   (5 % of each client's training data, seeded, min 10): Hugging Face image datasets from local

@@ -8,9 +8,15 @@
 * partition: permute the 1797 samples with ``seed``, cut into ``num_clients`` contiguous pieces
   whose sizes differ by at most one (every sample used exactly once), then a seeded per-client
   train/test split (``test_fraction`` 0.2, ``n_test = round(0.2 n)``, at least 1 train sample);
-* model: MLP 64 -> 200 -> 10 ReLU; loss cross-entropy; metric accuracy.
+* model: MLP 64 -> 200 -> 10 ReLU; loss cross-entropy; metric accuracy;
+* ``digits-rotate-reduced``, ``digits-label-shift-reduced``: the scarce-data variants, built with
+  the rule of the paper's (and our image tasks') ``-reduced`` tasks: after the split above, keep
+  ``max(min_reduced_size, round(reduced_fraction * n_train))`` of each client's training rows
+  (seeded; defaults 5 % and 10, i.e. 10 of ~72 rows at 20 clients). Test splits are unchanged,
+  so a reduced task and its full task are scored on exactly the same test examples.
 
-Options: ``num_clusters``, ``angles`` (rotate), ``shifts`` (label shift), ``test_fraction``.
+Options: ``num_clusters``, ``angles`` (rotate), ``shifts`` (label shift), ``test_fraction``;
+``reduced_fraction`` and ``min_reduced_size`` (``-reduced`` only).
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from torch import nn
 
 from .base import (ClientData, Task, check_fraction, check_int, check_num_clients,
                    check_num_clusters, default_preset, even_split, normalize_options,
-                   resolve_angles, resolve_shifts, rng_for, rotate_images, split_train_test)
+                   reduce_indices, resolve_angles, resolve_shifts, rng_for, rotate_images,
+                   split_train_test)
 from .models import MLP
 
-DIGITS_NAMES = ("digits-rotate", "digits-label-shift")
+DIGITS_NAMES = ("digits-rotate", "digits-label-shift", "digits-rotate-reduced",
+                "digits-label-shift-reduced")
 
 _DIGITS: dict = {}
 
@@ -71,8 +79,11 @@ class DigitsTask(Task):
     def __init__(self, name: str, num_clients: Any, seed: int, **options: Any) -> None:
         super().__init__()
         self.name = name
-        self.shift = "rotate" if name.endswith("rotate") else "label-shift"
+        self.reduced = name.endswith("-reduced")
+        self.shift = "rotate" if "rotate" in name else "label-shift"
         allowed = {"num_clusters": 4, "test_fraction": 0.2}
+        if self.reduced:
+            allowed.update({"reduced_fraction": 0.05, "min_reduced_size": 10})
         allowed.update({"angles": None} if self.shift == "rotate" else {"shifts": None})
         opts = normalize_options(options, allowed, name)
         x, y = load_digits_arrays()
@@ -104,6 +115,12 @@ class DigitsTask(Task):
             tr, te = split_train_test(p, self.test_fraction, split_rng)
             self.train_idx.append(tr)
             self.test_idx.append(te)
+        if self.reduced:
+            # a separate stream (7, as the image tasks) so the full task's split is untouched
+            fraction = check_fraction("reduced_fraction", opts["reduced_fraction"])
+            min_size = check_int("min_reduced_size", opts["min_reduced_size"], 1)
+            reduce_rng = rng_for(self.seed, 7)
+            self.train_idx = [reduce_indices(i, fraction, min_size, reduce_rng) for i in self.train_idx]
 
     def build_model(self) -> nn.Module:
         return MLP(64, 200, self.num_classes)
