@@ -278,6 +278,8 @@ def test_norm_matches_reference(make, shape):
 GRAD_MODELS = [
     ("linear-auto", lambda: nn.Linear(5, 4), lambda: torch.randn(3, 5), {}),
     ("linear-fold", lambda: nn.Linear(5, 4), lambda: torch.randn(3, 5), {"linear_compute": "fold"}),
+    ("linear-unfold", lambda: nn.Linear(5, 4), lambda: torch.randn(3, 5), {"linear_compute": "unfold"}),
+    ("linear-unfold-3d", lambda: nn.Linear(5, 4), lambda: torch.randn(2, 3, 5), {"linear_compute": "unfold"}),
     ("conv2d", lambda: nn.Conv2d(2, 4, 3, stride=(2, 1), padding=1, groups=2), lambda: torch.randn(1, 2, 4, 5), {}),
     ("conv1d-in", lambda: nn.Conv1d(2, 3, 3, dilation=2), lambda: torch.randn(1, 2, 7), {"conv_method": "in"}),
     ("convT2d", lambda: nn.ConvTranspose2d(3, 2, (2, 3), stride=2), lambda: torch.randn(1, 3, 3, 2), {}),

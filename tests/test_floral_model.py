@@ -494,3 +494,31 @@ def test_state_dicts_follow_tensors_replaced_by_to():
     new["base.1.running_mean"] = torch.full((6,), 3.0, dtype=torch.float64)
     fm.load_shared_state_dict(new)
     assert torch.equal(model[1].running_mean, torch.full((6,), 3.0, dtype=torch.float64))
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass with its own forward (reads self.weight): must keep that forward."""
+
+    def forward(self, x):
+        return 2.0 * nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("compute", ["auto", "fold", "unfold"])
+def test_direct_linear_forward_equals_the_parametrized_weight_and_subclass_forward_is_kept(compute):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 30), nn.ReLU(), ScaledLinear(30, 5))
+    fm = Floral(model, num_adaptors=3, rank=2, alpha=0.7, linear_compute=compute)
+    randomize(fm, scale=0.5)
+    fm.eval()
+    x = torch.randn(6, 12)
+    # independent computation: the folded weights read through the parametrization (what any
+    # external reader of .weight sees), applied with plain F.linear
+    lin, sub = fm.model[0], fm.model[2]
+    h = torch.relu(nn.functional.linear(x, lin.weight, lin.bias))
+    ref = 2.0 * nn.functional.linear(h, sub.weight, sub.bias)
+    torch.testing.assert_close(fm(x), ref, atol=1e-5, rtol=1e-5)
+    assert type(sub).forward is ScaledLinear.forward  # the subclass's own forward survives
+    assert type(lin).forward is not nn.Linear.forward  # the plain Linear got the direct path
+    merged = fm.merge()
+    assert type(merged[0]) is nn.Linear and type(merged[2]) is ScaledLinear
+    torch.testing.assert_close(merged(x), ref, atol=1e-5, rtol=1e-5)

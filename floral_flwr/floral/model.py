@@ -3,8 +3,9 @@
 See ``docs/contracts.md`` section 1 for the public API. The layers of the wrapped model are
 parametrized *in place* (``torch.nn.utils.parametrize``): their ``weight``/``bias`` become
 ``W + alpha * sum_c p_c delta_c`` with p read from a per-forward context, so there is no Python
-loop over adaptors and no extra forward hooks in the hot path (except the optional unfolded
-Linear path, see ``linear_compute``).
+loop over adaptors and no forward hooks. Plain ``nn.Linear`` layers also get a direct forward
+(``adaptors.linear_forward``) that skips the parametrization's per-access overhead and can add
+the low-rank product beside the base layer instead of folding it (``linear_compute``).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .adaptors import (CONV_METHODS, Adaptor, BiasFold, WeightFold, find_factory,
-                       linear_post_hook, linear_pre_hook, unsupported_reason)
+from .adaptors import (CONV_METHODS, Adaptor, BiasFold, WeightFold, find_factory, linear_forward,
+                       unsupported_reason)
 from .mixture import Mixture, MixtureContext
 from .rank import RankSpec, validate_rank
 
@@ -216,6 +217,7 @@ class Floral(nn.Module):
                                        min_rank=min_rank, adaptive_bias=adaptive_bias,
                                        conv_method=conv_method)
             self._param_order[name] = list(module._parameters.keys())
+            own_forward = type(module).forward
             fold = WeightFold(adaptor, self._ctx, index, self.alpha)
             parametrize.register_parametrization(module, "weight", fold, unsafe=True)
             tensors = ["weight"]
@@ -223,10 +225,11 @@ class Floral(nn.Module):
                 parametrize.register_parametrization(
                     module, "bias", BiasFold(adaptor, self._ctx, index, self.alpha), unsafe=True)
                 tensors.append("bias")
-            if isinstance(module, nn.Linear) and linear_compute != "fold":
+            if isinstance(module, nn.Linear) and own_forward is nn.Linear.forward:
+                # parametrize gave the module a class of its own: give that class the direct
+                # forward (a subclass with its own forward keeps it and reads the folded .weight)
                 fold.linear_compute = linear_compute
-                module.register_forward_pre_hook(linear_pre_hook)
-                module.register_forward_hook(linear_post_hook)
+                type(module).forward = linear_forward
             prefix = f"{name}." if name else ""
             for t in tensors:
                 self._key_map[prefix + t] = f"{prefix}parametrizations.{t}.original"
@@ -378,7 +381,6 @@ class Floral(nn.Module):
         model = copy.deepcopy(self.model, {id(self._ctx): fixed})
         for name, _, tensors in self._layers:
             module = model.get_submodule(name)
-            module.parametrizations.weight[0].unfold = False
             folded = {t: getattr(module, t).detach().clone() for t in tensors}
             originals = {t: module.parametrizations[t].original for t in tensors}
             # Not parametrize.remove_parametrizations: the deep copy shares the injected
@@ -393,9 +395,6 @@ class Floral(nn.Module):
                 else:
                     params[key] = module._parameters[key]
             module._parameters = params
-            for hooks in (module._forward_pre_hooks, module._forward_hooks):
-                for hid in [h for h, fn in hooks.items() if fn in (linear_pre_hook, linear_post_hook)]:
-                    del hooks[hid]
         return model.eval()
 
     def parameter_report(self) -> ParameterReport:
