@@ -174,7 +174,7 @@ def main() -> None:
           f"{args.replies} replies ({args.distinct} distinct, cycled)", flush=True)
 
     # correctness first: the accumulator equals the per-client, per-slice float64 reference
-    small = 6
+    small = 20  # more than one float32 block (8 replies)
     got = run_floral(template, replies, small)
     ref = naive_reference(template, replies, small)
     # float32 rounding of the result: |error| <= ~6e-8 * max|ref| per key
@@ -247,7 +247,8 @@ def main() -> None:
         "",
         f"tracemalloc peak of the floral path: {peaks[10]:.0f} MiB for 10 replies, "
         f"{peaks[args.replies]:.0f} MiB for {args.replies} replies "
-        f"(one float64 sum per key = {nparams * 8 / 2**20:.0f} MiB, + float64 scratch + result)",
+        f"(float64 total + float32 block partial per key = {nparams * 12 / 2**20:.0f} MiB, "
+        f"+ one float32 scratch buffer + result)",
         f"max relative error vs the float64 per-client reference: {err:.1e}",
     ]
     text = "\n".join(lines)

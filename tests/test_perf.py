@@ -42,7 +42,7 @@ def _naive(template, replies):
     return out
 
 
-@pytest.mark.parametrize("num_replies", [1, 2, 7])
+@pytest.mark.parametrize("num_replies", [1, 2, 7, 8, 9, 100])  # below, at and across blocks of 8
 def test_accumulator_equals_naive_weighted_sum(num_replies):
     rng = np.random.default_rng(num_replies)
     template = _state(rng)
@@ -59,6 +59,21 @@ def test_accumulator_equals_naive_weighted_sum(num_replies):
         np.testing.assert_allclose(got[k], ref[k].astype(template[k].dtype), rtol=1e-6, atol=1e-6, err_msg=k)
 
 
+def test_accumulator_integer_buffers_and_float64_stay_exact():
+    """Integer counters (BatchNorm's num_batches_tracked) are not exact in float32 partial sums:
+    they and float64 tensors are accumulated in float64."""
+    big = 2**24 + 1  # the first integer float32 cannot hold
+    template = {"base.count": np.array(big, dtype=np.int64), "base.w64": np.zeros(3)}
+    acc = FloralAccumulator(template, 0)
+    for n in (1.0, 3.0, 4.0):
+        acc.add({"base.count": np.array(big, dtype=np.int64), "base.w64": np.full(3, 1 + 1e-12)}, n)
+    out = acc.result()
+    assert int(out["base.count"]) == big
+    np.testing.assert_array_equal(out["base.w64"], np.full(3, 1 + 1e-12))
+    with pytest.raises(ValueError, match="block"):
+        FloralAccumulator(template, 0, block=0)
+
+
 def test_accumulator_memory_does_not_grow_with_replies():
     rng = np.random.default_rng(0)
     template = _state(rng)
@@ -66,11 +81,12 @@ def test_accumulator_memory_does_not_grow_with_replies():
     held = []
     for _ in range(20):
         acc.add(_state(rng), 3.0, [1.0, 1.0, 1.0])
-        buffers = list(acc._sums.values()) + ([acc._buf] if acc._buf is not None else [])
+        buffers = list(acc._sums.values()) + list(acc._parts.values()) + list(acc._bufs.values())
         held.append((len(buffers), sum(b.nbytes for b in buffers)))
-    assert len(set(held[1:])) == 1  # after the first reply: the same buffers, the same bytes
-    assert len(acc._sums) == len(template)
-    assert acc._buf.size <= max(v.size for v in template.values())
+    # once the first block (8 replies) is folded: the same buffers, the same bytes
+    assert len(set(held[acc.block:])) == 1
+    assert len(acc._sums) == len(acc._parts) == len(template)
+    assert all(b.size <= max(v.size for v in template.values()) for b in acc._bufs.values())
 
 
 def test_array_view_equals_flower_decoding():
@@ -144,3 +160,20 @@ def test_performance_options_reach_the_training_loop():
         assert handle.autocast_dtype == torch.bfloat16 and handle.train_forward is None
     finally:
         torch.set_num_threads(threads)
+
+
+def test_all_finite_matches_elementwise_check():
+    from floral_flwr.strategy.validation import all_finite
+
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal(1000).astype(np.float32), np.zeros((0, 3), np.float32),
+             np.full(10, 3e38, np.float32), np.float32([2e19, -1.0]),  # finite, x . x overflows
+             np.asfortranarray(rng.standard_normal((4, 3))), np.array(2.5, np.float32),
+             np.array([np.inf, -np.inf], np.float32), np.array(np.nan), np.float16([1, 65504, 65504])]
+    for i in (0, 500, 999):
+        for bad in (np.nan, np.inf, -np.inf):
+            x = rng.standard_normal((10, 100)).astype(np.float32)
+            x.flat[i] = bad
+            cases.append(x)
+    for x in cases:
+        assert all_finite(x) == bool(np.isfinite(x).all()), x

