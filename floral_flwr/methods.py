@@ -94,6 +94,13 @@ class ModelHandle:
     def private_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
         return OrderedDict()
 
+    def personalized_module(self) -> nn.Module:
+        """The model this client would deploy (``export-models``): the plain task architecture
+        where the method has one per client (FLoRAL merged, Ditto's personal model, IFCA's
+        chosen model), else the method's whole module (output-level mixtures: ensemble, FedEM,
+        FedDPA's input-dependent weighting)."""
+        return self.module
+
     def load_private_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             raise ValueError(f"this method has no private state, got keys {sorted(state)[:5]}")
@@ -216,6 +223,9 @@ class FloralHandle(ModelHandle):
 
     def set_oracle(self, cluster: int) -> None:
         self.floral.set_oracle(int(cluster))
+
+    def personalized_module(self) -> nn.Module:
+        return self.floral.merge()  # the plain architecture with this client's mixture folded in
 
     def adapt_groups(self, lr: float, mixture_lr: float) -> list[dict[str, Any]]:
         if self.local_adaptors:  # the private adaptor (its mixture is fixed)

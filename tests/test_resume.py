@@ -124,3 +124,31 @@ def test_export_models_writes_merged_personalized_models_on_the_client_side(tmp_
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(x), handle.module(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ditto", "ifca"])
+def test_export_models_of_baselines_is_the_plain_personal_model(tmp_path, method):
+    """Ditto exports its personal model v_k (its private state), IFCA the cluster model it chose
+    (one slice of the final global state): the plain task architecture, not the wrapper."""
+    from floral_flwr.tasks import get_task
+
+    cfg = _base(tmp_path, **{"run-name": method, "method": method, "export-models": True,
+                             "num-server-rounds": 2, "server-optimizer": "fedavg"})
+    summary, _ = run_inline(cfg, NUM_CLIENTS)
+    assert summary["exported-models"] == NUM_CLIENTS
+    keys = list(get_task("digits-label-shift", num_clients=NUM_CLIENTS, seed=0).build_model().state_dict())
+    _, state = _final_state(tmp_path, method)
+    for client in range(NUM_CLIENTS):
+        folder = tmp_path / method / "client-state" / f"client-{client}"
+        exported = load_npz(folder / "personalized-model.npz")
+        assert list(exported) == keys
+        private = sorted(folder.glob("round-*.npz"))[-1]
+        with np.load(private) as z:
+            if method == "ditto":
+                expected = {k: z["personal." + k] for k in keys}
+            else:
+                j = int(z["ifca.cluster"])
+                assert 0 <= j < 4
+                expected = {k: state["adaptor.model." + k][j] for k in keys}
+        for k in keys:
+            np.testing.assert_array_equal(exported[k], expected[k], err_msg=f"client {client} {k}")

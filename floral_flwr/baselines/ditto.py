@@ -76,6 +76,9 @@ class DittoHandle(ModelHandle):
         self.module.personal.load_state_dict({k[len("personal."):]: v for k, v in state.items()}, strict=True)
         self._fresh = False
 
+    def personalized_module(self) -> nn.Module:
+        return self.module.personal  # v_k, what Ditto evaluates
+
     def reset_private(self) -> None:
         self._fresh = True  # v_k := the received global model on first use
 

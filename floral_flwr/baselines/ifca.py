@@ -77,6 +77,10 @@ class IFCAHandle(MultiModelHandle):
     def train_metrics(self) -> dict[str, Any]:
         return {"cluster-id": int(self.module.active)}
 
+    def personalized_module(self) -> nn.Module:
+        j = self.module.active  # the chosen cluster model; before any choice, the whole average
+        return self.module.models[j] if j >= 0 else self.module
+
     def mixture(self) -> list[float] | None:
         j = self.module.active
         if j < 0:

@@ -334,8 +334,9 @@ def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any
 
 
 def export_personalized(setup: ClientSetup, context: Context, msg: Message, cid: int) -> str | None:
-    """Save this client's personalized model (mixture folded in, plain base architecture) on
-    the client's side: its state dir, else the run's client-state dir. Returns the path.
+    """Save this client's personalized model (``ModelHandle.personalized_module``: for FLoRAL the
+    plain base architecture with the mixture folded in) on the client's side: its state dir,
+    else the run's client-state dir. Returns the path.
 
     The model stays where it was made: only the path goes back to the server.
     """
@@ -347,8 +348,7 @@ def export_personalized(setup: ClientSetup, context: Context, msg: Message, cid:
     root = str(store.root)
     _load_shared(setup, msg)
     restore_private(setup, context, store, rnd + 1)
-    floral = getattr(setup.handle, "floral", None)
-    model = floral.merge() if floral is not None else setup.handle.module
+    model = setup.handle.personalized_module()
     arrays = {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
               for k, v in model.state_dict().items()}
     path = os.path.join(root, "personalized-model.npz")
