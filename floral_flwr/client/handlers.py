@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from floral_flwr.client.state_store import StateDir
 from floral_flwr.fileio import save_npz
 from floral_flwr.strategy.aggregate import scale_for_sum
-from floral_flwr.client.training import evaluate_local, seed_for
+from floral_flwr.client.training import evaluate_local, seed_for, seed_torch
 from floral_flwr.config import RunConfig, parse_run_config
 from floral_flwr.holdout import holdout_clients
 from floral_flwr.methods import METHOD_SPECS, ModelHandle, build_handle, check_method_task
@@ -164,7 +164,10 @@ def restore_private(setup: ClientSetup, context: Context, store: StateDir | None
         rnd = int(context.state.config_records[STATE_META_KEY]["round"])
         if rnd < server_round:
             best = (rnd, context.state.array_records[STATE_KEY].to_torch_state_dict())
-    if store is not None:
+    newest = store.newest_round(server_round) if store is not None else None
+    # read (and checksum) the file only when it can win: in a running federation the copy in
+    # context.state is the newest and the disk copy is for restarts
+    if newest is not None and (best is None or newest > best[0]):
         on_disk = store.load(before_round=server_round)
         if on_disk is not None and (best is None or on_disk.round > best[0]):
             best = (on_disk.round, on_disk.tensors)
@@ -249,7 +252,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
     _load_shared(setup, msg)
     restore_private(setup, context, store, rnd)
     data = setup.task.client_data(cid)
-    torch.manual_seed(seed_for(cfg.seed, rnd, cid))  # mixture noise, dropout
+    seed_torch(seed_for(cfg.seed, rnd, cid))  # mixture noise, dropout
     result = setup.handle.train_round(
         data.train_x,
         data.train_y,
@@ -301,7 +304,7 @@ def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any
     data = setup.task.client_data(cid)
     task, handle = setup.task, setup.handle
     extra: dict[str, Any] = {}
-    torch.manual_seed(seed_for(cfg.seed, rnd, cid) + 2)
+    seed_torch(seed_for(cfg.seed, rnd, cid) + 2)
     if is_holdout(context, cfg, setup.task):
         # never trained: zero-shot (personal part at its init), then fit only what is personal
         handle.reset_private()

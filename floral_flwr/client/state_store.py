@@ -99,6 +99,12 @@ class StateDir:
             old.unlink(missing_ok=True)
         return target
 
+    def newest_round(self, before_round: int | None = None) -> int | None:
+        """Round of the newest file saved before ``before_round`` (a directory listing only:
+        no read, no checksum), or None."""
+        rounds = [r for r, _ in self._versions() if before_round is None or r < before_round]
+        return rounds[-1] if rounds else None
+
     def load(self, before_round: int | None = None) -> PrivateState | None:
         """Newest valid state saved before ``before_round`` (any round when None)."""
         for rnd, path in reversed(self._versions()):

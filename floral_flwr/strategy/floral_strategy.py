@@ -156,6 +156,18 @@ def summarize_holdout(rows: list[dict[str, Any]], metric: str) -> dict[str, floa
     return out
 
 
+def _reply_order(msg: Message) -> tuple[int, int]:
+    """Sort key of a train reply: (reported client id, node id); errors and malformed replies
+    last (they are not aggregated anyway)."""
+    cid = 1 << 62
+    if not msg.has_error():
+        try:
+            cid = int(msg.content.metric_records["metrics"]["client-id"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    return cid, int(msg.metadata.src_node_id)
+
+
 class FloralStrategy(FedAvg):
     """FedAvg with the FLoRAL p(k|c) adaptor aggregation, validation and full evaluation.
 
@@ -352,10 +364,10 @@ class FloralStrategy(FedAvg):
         sampled = set(getattr(self, "_awaiting", ()))
         awaiting = set(sampled)
         seen, errors = 0, []
-        # a fixed order (by client id): float32 partial sums depend on the order of the
-        # additions, and replies arrive in whatever order the engine delivers them
-        ordered = sorted(replies, key=lambda m: (self.client_ids.get(m.metadata.src_node_id, 1 << 62),
-                                                 m.metadata.src_node_id))
+        # a fixed order (by the client id each reply reports): float32 partial sums depend on
+        # the order of the additions, replies arrive in whatever order the engine delivers them,
+        # and node ids differ between runs (discovery may also not know a slow node yet)
+        ordered = sorted(replies, key=_reply_order)
         for msg in ordered:
             seen += 1
             node = msg.metadata.src_node_id
