@@ -101,6 +101,8 @@ def test_state_store_rejects_tampered_and_foreign_files(tmp_path, caplog):
     store.save({"mixture.logits": torch.tensor([1.0, 2.0])}, 3)
     assert store.load(before_round=4).round == 3
     assert store.load(before_round=3) is None  # only states saved before the asked round
+    assert store.load(before_round=4, after_round=2).round == 3
+    assert store.load(before_round=4, after_round=3) is None  # not newer than the caller's copy
     assert StateDir(tmp_path, kind="B").load() is None
     assert "belongs to" in caplog.text
     # flip array bytes but keep the zip valid: the checksum catches it

@@ -164,12 +164,11 @@ def restore_private(setup: ClientSetup, context: Context, store: StateDir | None
         rnd = int(context.state.config_records[STATE_META_KEY]["round"])
         if rnd < server_round:
             best = (rnd, context.state.array_records[STATE_KEY].to_torch_state_dict())
-    newest = store.newest_round(server_round) if store is not None else None
-    # read (and checksum) the file only when it can win: in a running federation the copy in
-    # context.state is the newest and the disk copy is for restarts
-    if newest is not None and (best is None or newest > best[0]):
-        on_disk = store.load(before_round=server_round)
-        if on_disk is not None and (best is None or on_disk.round > best[0]):
+    if store is not None:
+        # only a file newer than the copy in context.state is read (and checksummed): in a
+        # running federation that copy is the newest and the disk copy is for restarts
+        on_disk = store.load(before_round=server_round, after_round=best[0] if best else None)
+        if on_disk is not None:
             best = (on_disk.round, on_disk.tensors)
             if STATE_KEY not in context.state.array_records:
                 # a restarted SuperNode or a new run: Flower's context.state is empty

@@ -99,17 +99,14 @@ class StateDir:
             old.unlink(missing_ok=True)
         return target
 
-    def newest_round(self, before_round: int | None = None) -> int | None:
-        """Round of the newest file saved before ``before_round`` (a directory listing only:
-        no read, no checksum), or None."""
-        rounds = [r for r, _ in self._versions() if before_round is None or r < before_round]
-        return rounds[-1] if rounds else None
-
-    def load(self, before_round: int | None = None) -> PrivateState | None:
-        """Newest valid state saved before ``before_round`` (any round when None)."""
+    def load(self, before_round: int | None = None, after_round: int | None = None) -> PrivateState | None:
+        """Newest valid state saved before ``before_round`` (any round when None) and after
+        ``after_round`` (files not newer than a copy the caller already has are not even read)."""
         for rnd, path in reversed(self._versions()):
             if before_round is not None and rnd >= before_round:
                 continue
+            if after_round is not None and rnd <= after_round:
+                break
             state = self._read(path)
             if state is not None:
                 return state

@@ -118,6 +118,8 @@ def _cast(p: Tensor, like: Tensor) -> Tensor:
 
 def _fold_vector(base: Tensor, bank: Tensor, p: Tensor, alpha: float) -> Tensor:
     """``base + alpha * sum_c p_c bank[c]`` in one addmv (bank: (C, *base.shape))."""
+    if base.dim() == 1:  # biases: no reshapes (each is an autograd node on a small layer's step)
+        return torch.addmv(base, bank.t(), _cast(p, bank), alpha=alpha)
     out = torch.addmv(base.reshape(-1), bank.reshape(bank.shape[0], -1).t(), _cast(p, bank),
                       alpha=alpha)
     return out.view(base.shape)
@@ -170,9 +172,8 @@ class LinearAdaptor(Adaptor):
         "unfold" runs the base layer and adds ``alpha * sum_c p_c B_c A_c x`` beside it; "auto"
         picks per call the cheaper one: per adaptor rank unit, folding costs d_in*d_out and the
         unfolded path rows*(d_in+d_out) (forward; the backward scales alike)."""
-        bank = self._parameters.get("bias")
-        if bank is not None and bias is not None:
-            bias = torch.addmv(bias, bank.t(), _cast(p, bank), alpha=alpha)
+        if bias is not None and "bias" in self._parameters:
+            bias = self.fold_bias(bias, p, alpha)
         if compute == "auto":
             d_out, d_in = weight.shape
             rows = x.numel() // max(1, x.shape[-1])

@@ -183,6 +183,14 @@ def reduce_indices(idx: np.ndarray, fraction: float, min_size: int, rng: np.rand
     return np.sort(rng.choice(idx, size=keep, replace=False)) if keep < n else idx
 
 
+def reduce_train_indices(train_idx: list[np.ndarray], fraction: float, min_size: int, seed: int
+                         ) -> list[np.ndarray]:
+    """The ``-reduced`` rule for every client's training rows (:func:`reduce_indices`), on a
+    random stream of its own (7) so the full task's partition and splits are untouched."""
+    rng = rng_for(seed, 7)
+    return [reduce_indices(i, fraction, min_size, rng) for i in train_idx]
+
+
 def rotate_images(x: np.ndarray, angle: float, hw_axes: tuple[int, int] = (-2, -1)) -> np.ndarray:
     """Rotate a batch of images counter-clockwise by ``angle`` degrees around the centre.
 

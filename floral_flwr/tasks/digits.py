@@ -30,7 +30,7 @@ from torch import nn
 
 from .base import (ClientData, Task, check_fraction, check_int, check_num_clients,
                    check_num_clusters, default_preset, even_split, normalize_options,
-                   reduce_indices, resolve_angles, resolve_shifts, rng_for, rotate_images,
+                   reduce_train_indices, resolve_angles, resolve_shifts, rng_for, rotate_images,
                    split_train_test)
 from .models import MLP
 
@@ -120,11 +120,9 @@ class DigitsTask(Task):
             self.train_idx.append(tr)
             self.test_idx.append(te)
         if self.reduced:
-            # a separate stream (7, as the image tasks) so the full task's split is untouched
-            fraction = check_fraction("reduced_fraction", opts["reduced_fraction"])
-            min_size = check_int("min_reduced_size", opts["min_reduced_size"], 1)
-            reduce_rng = rng_for(self.seed, 7)
-            self.train_idx = [reduce_indices(i, fraction, min_size, reduce_rng) for i in self.train_idx]
+            self.train_idx = reduce_train_indices(
+                self.train_idx, check_fraction("reduced_fraction", opts["reduced_fraction"]),
+                check_int("min_reduced_size", opts["min_reduced_size"], 1), self.seed)
 
     def build_model(self) -> nn.Module:
         return MLP(64, 200, self.num_classes)

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .base import (ClientData, Task, check_fraction, check_int, check_num_clients,
-                   check_num_clusters, default_preset, normalize_options, reduce_indices,
+                   check_num_clusters, default_preset, normalize_options, reduce_train_indices,
                    resolve_angles, resolve_shifts, rng_for, rotate_images, split_train_test)
 from .models import MLP, VGG8, Cifar10CNN
 from .sources import (DATASETS, DatasetNotFoundError, DatasetSpec, clear_decoded_cache,
@@ -229,9 +229,8 @@ class ImageTask(Task):
             self.partitioners[split] = p
             self._idx[split] = list(p.all_indices())
         if self.reduced_fraction is not None:
-            rng = rng_for(self.seed, 7)
-            self._idx["train"] = [reduce_indices(i, self.reduced_fraction, self.min_reduced_size, rng)
-                                  for i in self._idx["train"]]
+            self._idx["train"] = reduce_train_indices(self._idx["train"], self.reduced_fraction,
+                                                      self.min_reduced_size, self.seed)
 
     def _init_local(self, data_path: str, C: int, opts: dict) -> None:
         root = Path(data_path).expanduser()
@@ -264,8 +263,8 @@ class ImageTask(Task):
             tf = check_fraction("test_fraction", opts["test_fraction"])
             tr_idx, te_idx = split_train_test(np.arange(len(ytr)), tf, rng_for(self.seed, 9))
         if self.reduced_fraction is not None:
-            tr_idx = reduce_indices(tr_idx, self.reduced_fraction, self.min_reduced_size,
-                                    rng_for(self.seed, 7))
+            tr_idx = reduce_train_indices([tr_idx], self.reduced_fraction, self.min_reduced_size,
+                                          self.seed)[0]
         self._local_idx = (tr_idx, te_idx)
 
     # ------------------------------------------------------------------ API
