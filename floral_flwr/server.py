@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -21,6 +21,7 @@ from floral_flwr.config import ConfigError, RunConfig, parse_run_config, resolve
 from floral_flwr.methods import build_handle, check_method_task
 from floral_flwr.results import RunRecorder
 from floral_flwr.strategy.floral_strategy import FloralStrategy, build_strategy
+from floral_flwr.wire import to_array
 
 logger = logging.getLogger("floral_flwr")
 
@@ -94,7 +95,7 @@ def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
 
 
 def load_state_for_export(recorder: RunRecorder) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in recorder.latest_state().items()})
+    return ArrayRecord({k: to_array(v) for k, v in recorder.latest_state().items()})
 
 
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -165,7 +166,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     else:
         strategy.start(
             grid,
-            ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            ArrayRecord({k: to_array(np.asarray(v)) for k, v in arrays.items()}),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.reply_timeout,
             train_config=train_config,

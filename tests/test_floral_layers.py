@@ -202,6 +202,64 @@ def test_linear_matches_reference(bias, rows, compute):
     torch.testing.assert_close(fm(x3)[1], fm(x3[1]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("rows", [4, 40])  # hidden side scaled (rows <= d_out) / bank side
+def test_unfolded_linear_stack_matches_reference(per_layer, rows):
+    """Two layers of different ranks share (or not) one mixture: the per-column scale
+    (p_c repeated r times, built once per forward per rank) must be each layer's own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
+    fm = Floral(model, num_adaptors=C, rank=0.5, alpha=ALPHA, per_layer_mixture=per_layer,
+                linear_compute="unfold").eval()
+    randomize(fm)
+    sd, p = fm.shared_state_dict(), ref_probs(fm)
+    ranks = {sd[f"adaptor.{i}.in"].shape[1] for i in (0, 2)}
+    assert len(ranks) == 2  # the two layers have different ranks
+    x = torch.randn(rows, 12)
+    h = x
+    for li, name in enumerate(("0", "2")):
+        pl = p[li] if per_layer else p
+        out = F.linear(h, sd[f"base.{name}.weight"], sd[f"base.{name}.bias"])
+        for c in range(C):
+            out = out + ALPHA * pl[c] * F.linear(F.linear(h, sd[f"adaptor.{name}.in"][c]),
+                                                 sd[f"adaptor.{name}.out"][c], sd[f"adaptor.{name}.bias"][c])
+        h = torch.relu(out) if li == 0 else out
+    torch.testing.assert_close(fm(x), h, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_banks_are_2d_parameters_shown_per_adaptor():
+    """A and B are stored as [A_1; ...; A_C] (C*r, d_in) and [B_1 | ... | B_C] (d_out, C*r);
+    the state API shows A_c / B_c at index c, and writes through to the parameters."""
+    import copy
+
+    fm = Floral(nn.Sequential(nn.Linear(6, 5)), num_adaptors=C, rank=2, alpha=ALPHA)
+    adaptor = fm.model[0].parametrizations.weight[0].adaptor
+    a, b = adaptor._parameters["in"], adaptor._parameters["out"]
+    assert a.shape == (C * 2, 6) and b.shape == (5, C * 2) and a.is_contiguous() and b.is_contiguous()
+    randomize(fm)
+    sd = fm.shared_state_dict()
+    assert sd["adaptor.0.in"].shape == (C, 2, 6) and sd["adaptor.0.out"].shape == (C, 5, 2)
+    for c in range(C):  # index c of the state = block c of the matrices
+        assert torch.equal(sd["adaptor.0.in"][c], a[2 * c:2 * c + 2])
+        assert torch.equal(sd["adaptor.0.out"][c], b[:, 2 * c:2 * c + 2])
+    values = {k: v.contiguous().clone() for k, v in sd.items()}
+    new = {k: v + 1.0 for k, v in values.items()}
+    fm.load_shared_state_dict(new)
+    assert torch.equal(a[2:4], new["adaptor.0.in"][1]) and torch.equal(b[:, 4:6], new["adaptor.0.out"][2])
+    for other in (copy.deepcopy(fm), fm.to(torch.float64)):
+        osd = other.shared_state_dict()
+        for k in ("adaptor.0.in", "adaptor.0.out"):
+            torch.testing.assert_close(osd[k].float(), new[k], rtol=0, atol=0)
+    fm = fm.float()
+    assert fm.model[0].parametrizations.weight[0].adaptor.num_adaptors == C
+    for rows in (2, 30):  # auto: the unfolded product at 2 rows, the fold at 30
+        fm.zero_grad()
+        fm.train()(torch.randn(rows, 6)).square().sum().backward()
+        grads = fm.model[0].parametrizations.weight[0].adaptor
+        assert grads._parameters["in"].grad.shape == (C * 2, 6)
+        assert grads._parameters["out"].grad.is_contiguous()
+
+
 def test_embedding_matches_reference():
     torch.manual_seed(0)
     fm = Floral(nn.Sequential(nn.Embedding(11, 6, padding_idx=0)), num_adaptors=C, rank=2,
@@ -280,6 +338,8 @@ GRAD_MODELS = [
     ("linear-fold", lambda: nn.Linear(5, 4), lambda: torch.randn(3, 5), {"linear_compute": "fold"}),
     ("linear-unfold", lambda: nn.Linear(5, 4), lambda: torch.randn(3, 5), {"linear_compute": "unfold"}),
     ("linear-unfold-3d", lambda: nn.Linear(5, 4), lambda: torch.randn(2, 3, 5), {"linear_compute": "unfold"}),
+    # rows > d_out: p scales the bank instead of the hidden activations
+    ("linear-unfold-tall", lambda: nn.Linear(5, 4), lambda: torch.randn(7, 5), {"linear_compute": "unfold"}),
     ("conv2d", lambda: nn.Conv2d(2, 4, 3, stride=(2, 1), padding=1, groups=2), lambda: torch.randn(1, 2, 4, 5), {}),
     ("conv1d-in", lambda: nn.Conv1d(2, 3, 3, dilation=2), lambda: torch.randn(1, 2, 7), {"conv_method": "in"}),
     ("convT2d", lambda: nn.ConvTranspose2d(3, 2, (2, 3), stride=2), lambda: torch.randn(1, 3, 3, 2), {}),

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from floral_flwr.config import ConfigError, parse_run_config
 from floral_flwr.strategy.aggregate import FloralAccumulator, is_adaptor_key
-from floral_flwr.strategy.floral_strategy import array_view
+from floral_flwr.wire import from_array, to_array
 
 C = 3
 
@@ -89,13 +89,34 @@ def test_accumulator_memory_does_not_grow_with_replies():
     assert all(b.size <= max(v.size for v in template.values()) for b in acc._bufs.values())
 
 
-def test_array_view_equals_flower_decoding():
-    for a in (np.arange(12, dtype=np.float32).reshape(3, 4), np.array(7, dtype=np.int64),
-              np.zeros((0, 2), np.float32), np.asfortranarray(np.ones((3, 2))), np.array([True, False])):
-        arr = Array(a)
-        got, ref = array_view(arr), arr.numpy()
-        assert got.dtype == ref.dtype and got.shape == ref.shape
-        np.testing.assert_array_equal(got, ref)
+WIRE_CASES = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(7, dtype=np.int64),
+              np.zeros((0, 2), np.float32), np.asfortranarray(np.ones((3, 2))),
+              np.array([True, False]), np.ones((4, 5, 2), np.float16),
+              np.arange(24.0).reshape(2, 3, 4).transpose(1, 0, 2),  # non-contiguous view
+              np.array(["a", "bc"])]
+
+
+@pytest.mark.parametrize("values", WIRE_CASES, ids=lambda a: f"{a.dtype}{a.shape}")
+def test_wire_codec_matches_flowers_own(values):
+    """to_array writes np.save's exact bytes (cache miss and hit); from_array decodes Flower's
+    bytes (any layout) to the same dtype, shape and values as Array.numpy()."""
+    for _ in range(2):  # first call fills the header caches, the second uses them
+        ours, theirs = to_array(values), Array(np.ascontiguousarray(values))
+        assert (ours.data, ours.dtype, ours.shape, ours.stype) == (theirs.data, theirs.dtype, theirs.shape, theirs.stype)
+        for arr in (ours, Array(values)):
+            got, ref = from_array(arr), arr.numpy()
+            assert got.dtype == ref.dtype and got.shape == ref.shape
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_wire_decoder_defers_to_flower_on_bad_payloads():
+    good = to_array(np.ones((3, 4), np.float32))
+    truncated = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
+    with pytest.raises(ValueError):
+        from_array(truncated)  # Flower's np.load error, not a short view
+    not_npy = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=b"garbage" * 10)
+    with pytest.raises(Exception):
+        from_array(not_npy)
 
 
 def test_performance_keys_are_validated():

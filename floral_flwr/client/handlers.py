@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from floral_flwr.client.state_store import StateDir
 from floral_flwr.fileio import save_npz
@@ -30,6 +30,7 @@ from floral_flwr.config import RunConfig, parse_run_config
 from floral_flwr.holdout import holdout_clients
 from floral_flwr.methods import METHOD_SPECS, ModelHandle, build_handle, check_method_task
 from floral_flwr.tasks import get_task
+from floral_flwr.wire import from_array, to_array
 
 logger = logging.getLogger("floral_flwr")
 
@@ -187,7 +188,7 @@ def save_private(setup: ClientSetup, context: Context, store: StateDir | None, s
     state = setup.handle.private_state_dict()
     if not state:
         return
-    context.state[STATE_KEY] = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state.items()})
+    context.state[STATE_KEY] = ArrayRecord({k: to_array(v.detach().cpu().numpy()) for k, v in state.items()})
     context.state[STATE_META_KEY] = ConfigRecord({"round": int(server_round)})
     if store is not None:
         try:
@@ -201,7 +202,7 @@ def save_private(setup: ClientSetup, context: Context, store: StateDir | None, s
 
 def _load_shared(setup: ClientSetup, msg: Message) -> None:
     record = msg.content["arrays"]
-    state = {k: torch.from_numpy(np.array(a.numpy(), copy=True)).to(setup.device) for k, a in record.items()}
+    state = {k: torch.from_numpy(np.array(from_array(a))).to(setup.device) for k, a in record.items()}
     setup.handle.load_shared_state_dict(state)
 
 
@@ -211,7 +212,7 @@ def _shared_record(handle: ModelHandle) -> ArrayRecord:
         t = v.detach().cpu()
         if t.is_floating_point() and t.dtype != torch.float32:
             t = t.float()  # bf16/fp16 cannot go through numpy; the wire format is float32
-        out[k] = Array(t.numpy())
+        out[k] = to_array(t.numpy())
     return ArrayRecord(out)
 
 
@@ -278,9 +279,9 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
         metrics["adaptor-weights"] = _mixture_weights(setup.handle, result.num_examples)
     arrays = _shared_record(setup.handle)
     if cfg.aggregation == "sum-only":  # send n_k*base_k and w_k(c)*adaptor_c^k: the server only sums
-        scaled = scale_for_sum({k: a.numpy() for k, a in arrays.items()}, result.num_examples,
+        scaled = scale_for_sum({k: from_array(a) for k, a in arrays.items()}, result.num_examples,
                                metrics.get("adaptor-weights"))
-        arrays = ArrayRecord({k: Array(v) for k, v in scaled.items()})
+        arrays = ArrayRecord({k: to_array(v) for k, v in scaled.items()})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     fault = context.node_config.get("fault")
     if fault:  # TEST ONLY: deliberate bad replies for the fault tests (floral_flwr/client/faults.py)

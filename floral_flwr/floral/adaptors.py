@@ -81,13 +81,19 @@ def split_kernel(kernel: Sequence[int], in_channels: int, out_channels: int,
 
 class Adaptor(nn.Module):
     """Base class. Subclasses hold the stacked banks as parameters named as in the state keys
-    (``in``, ``out``, ``bias`` or ``weight``, ``bias``); slice ``[c]`` is adaptor c."""
+    (``in``, ``out``, ``bias`` or ``weight``, ``bias``); slice ``[c]`` of each tensor in
+    :meth:`state_items` is adaptor c."""
 
     kind: str = "adaptor"
     rank: Optional[int] = None
 
     def bank(self, name: str) -> Optional[Tensor]:
         return self._parameters.get(name)
+
+    def state_items(self) -> List[Tuple[str, Tensor]]:
+        """(factor, tensor) with the adaptor index first: what the state API shows, sends and
+        aggregates. The parameters themselves, unless a subclass stores them otherwise."""
+        return [(k, t) for k, t in self._parameters.items() if t is not None]
 
     def delta_weight(self, p: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -109,7 +115,7 @@ class Adaptor(nn.Module):
 
     @property
     def num_adaptors(self) -> int:
-        return next(iter(self._parameters.values())).shape[0]
+        return self.state_items()[0][1].shape[0]
 
 
 def _cast(p: Tensor, like: Tensor) -> Tensor:
@@ -130,7 +136,14 @@ def _new_bank(shape: Sequence[int], like: Tensor) -> nn.Parameter:
 
 
 class LinearAdaptor(Adaptor):
-    """``in``: A (C, r, d_in) uniform_in; ``out``: B (C, d_out, r) zeros; ``bias``: (C, d_out) zeros."""
+    """Per adaptor c: A_c (r, d_in) uniform_in, B_c (d_out, r) zeros, bias_c (d_out,) zeros.
+
+    Stored as the two matrices the products use, ``in`` = [A_1; ...; A_C]: (C*r, d_in) and
+    ``out`` = [B_1 | ... | B_C]: (d_out, C*r), because a reshaped view of a parameter is one more
+    autograd node per step, and a small layer's step is bound by its node count (the digits MLP
+    step is ~15 % faster than with (C, r, d_in) / (C, d_out, r) parameters, bench_core_step).
+    :meth:`state_items` shows them per adaptor as (C, r, d_in) and (C, d_out, r) views.
+    """
 
     kind = "linear"
 
@@ -139,61 +152,79 @@ class LinearAdaptor(Adaptor):
         super().__init__()
         d_in, d_out = main.in_features, main.out_features
         self.rank = r = resolve_rank(rank, d_in, d_out, min_rank)
-        self.register_parameter("in", _new_bank((num_adaptors, r, d_in), main.weight))
-        self.register_parameter("out", _new_bank((num_adaptors, d_out, r), main.weight))
+        self.register_parameter("in", _new_bank((num_adaptors * r, d_in), main.weight))
+        self.register_parameter("out", _new_bank((d_out, num_adaptors * r), main.weight))
         if adaptive_bias and main.bias is not None:
             self.register_parameter("bias", _new_bank((num_adaptors, d_out), main.bias))
         _uniform_in_(self._parameters["in"], d_in)
 
-    def _scaled_out(self, p: Tensor) -> Tensor:
-        """``[p_1 B_1 | ... | p_C B_C]``: (d_out, C*r)."""
-        b = self._parameters["out"]
-        c, d_out, r = b.shape
-        return (b * _cast(p, b).view(c, 1, 1)).transpose(0, 1).reshape(d_out, c * r)
+    def state_items(self) -> List[Tuple[str, Tensor]]:
+        a, b = self._parameters["in"], self._parameters["out"]
+        r = self.rank
+        c = a.shape[0] // r
+        items = [("in", a.view(c, r, a.shape[1])), ("out", b.view(b.shape[0], c, r).transpose(0, 1))]
+        if "bias" in self._parameters:
+            items.append(("bias", self._parameters["bias"]))
+        return items
+
+    def _columns(self, p: Tensor) -> Tensor:
+        """p per column of [B_1 | ... | B_C]: (p_1 x r, ..., p_C x r)."""
+        return p if self.rank == 1 else p.repeat_interleave(self.rank)
 
     def delta_weight(self, p: Tensor) -> Tensor:
-        a = self._parameters["in"]
+        b = self._parameters["out"]
         # [B_1 p_1 | ... | B_C p_C] @ [A_1; ...; A_C]: one rank-(C*r) product.
-        return self._scaled_out(p) @ a.reshape(-1, a.shape[-1])
+        return (b * _cast(self._columns(p), b)) @ self._parameters["in"]
 
     def fold_weight(self, weight: Tensor, p: Tensor, alpha: float) -> Tensor:
+        return self.fold_weight_columns(weight, self._columns(p), alpha)
+
+    def fold_weight_columns(self, weight: Tensor, p_columns: Tensor, alpha: float) -> Tensor:
+        """``fold_weight`` with p given per column of [B_1 | ... | B_C] (C*r,)."""
+        b = self._parameters["out"]
         if torch.is_autocast_enabled(weight.device.type):
             # autocast would run addmm in low precision and round the base weight too; keep the
             # parameter's dtype (the layer casts it for its own matmul anyway).
-            return super().fold_weight(weight, p, alpha)
-        a = self._parameters["in"]
-        return torch.addmm(weight, self._scaled_out(p), a.reshape(-1, a.shape[-1]), alpha=alpha)
+            delta = (b * _cast(p_columns, b)) @ self._parameters["in"]
+            return weight + (delta if alpha == 1.0 else alpha * delta)
+        return torch.addmm(weight, b * _cast(p_columns, b), self._parameters["in"], alpha=alpha)
 
-    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: Tensor, alpha: float,
-               compute: str = "auto") -> Tensor:
-        """The adapted layer's output from the *raw* base ``weight``/``bias``.
+    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], ctx: MixtureContext,
+               index: int, alpha: float, compute: str = "auto") -> Tensor:
+        """The adapted layer's output from the *raw* base ``weight``/``bias``, with layer
+        ``index``'s mixture read from ``ctx``.
 
         ``compute``: "fold" runs one ``F.linear`` with ``W + alpha * sum_c p_c B_c A_c``;
         "unfold" runs the base layer and adds ``alpha * sum_c p_c B_c A_c x`` beside it; "auto"
         picks per call the cheaper one: per adaptor rank unit, folding costs d_in*d_out and the
         unfolded path rows*(d_in+d_out) (forward; the backward scales alike)."""
         if bias is not None and "bias" in self._parameters:
-            bias = self.fold_bias(bias, p, alpha)
+            bias = self.fold_bias(bias, ctx.probs(index), alpha)
         if compute == "auto":
             d_out, d_in = weight.shape
             rows = x.numel() // max(1, x.shape[-1])
             compute = "unfold" if rows * (d_in + d_out) < d_in * d_out else "fold"
+        p_columns = ctx.probs_repeated(index, self.rank)
         if compute == "fold":
-            return F.linear(x, self.fold_weight(weight, p, alpha), bias)
-        return self.add_lowrank(F.linear(x, weight, bias), x, p, alpha)
+            return F.linear(x, self.fold_weight_columns(weight, p_columns, alpha), bias)
+        return self.add_lowrank(F.linear(x, weight, bias), x, p_columns, alpha)
 
-    def add_lowrank(self, out: Tensor, x: Tensor, p: Tensor, alpha: float) -> Tensor:
+    def add_lowrank(self, out: Tensor, x: Tensor, p_columns: Tensor, alpha: float) -> Tensor:
         """Unfolded path: ``out + alpha * sum_c p_c B_c A_c x`` (cheaper than folding when
-        rows * (d_in + d_out) < d_in * d_out)."""
-        a = self._parameters["in"]
-        c, r, d_in = a.shape
-        # every view below is an autograd node; small layers are bound by their count, so 2-d
-        # inputs skip the reshapes and p scales B (C*r*d_out values) inside _scaled_out
+        rows * (d_in + d_out) < d_in * d_out); ``p_columns``: (C*r,), each p_c repeated r times."""
+        a, bank = self._parameters["in"], self._parameters["out"]
+        # every view is an autograd node; small layers are bound by their count, so 2-d inputs
+        # skip the reshapes
         flat = x.dim() != 2
-        x2 = x.reshape(-1, d_in) if flat else x
+        x2 = x.reshape(-1, a.shape[1]) if flat else x
         out2 = out.reshape(-1, out.shape[-1]) if flat else out
-        h = torch.mm(x2, a.view(c * r, d_in).t())
-        y = torch.addmm(out2, h, self._scaled_out(p).t(), alpha=alpha)
+        h = torch.mm(x2, a.t())
+        # scale by p whichever side is smaller: the (rows, C*r) hidden or the (d_out, C*r) bank
+        if h.shape[0] <= bank.shape[0]:
+            h = h * _cast(p_columns, h)
+        else:
+            bank = bank * _cast(p_columns, bank)
+        y = torch.addmm(out2, h, bank.t(), alpha=alpha)
         return y.view(out.shape) if flat else y
 
 
@@ -378,7 +409,7 @@ def linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     fold: WeightFold = wlist._modules["0"]
     blist = plist._modules.get("bias")
     bias = blist.original if blist is not None else self._parameters.get("bias")
-    return fold.adaptor.linear(input, wlist.original, bias, fold.ctx.probs(fold.index), fold.alpha,
+    return fold.adaptor.linear(input, wlist.original, bias, fold.ctx, fold.index, fold.alpha,
                                fold.linear_compute)
 
 

@@ -49,7 +49,7 @@ class Mixture(nn.Module):
             return p
         theta = self.logits
         if noise and self.noise > 0:
-            theta = theta + self.noise * torch.rand_like(theta)
+            theta = torch.add(theta, torch.rand_like(theta), alpha=self.noise)  # one kernel
         if self.temperature != 1.0:
             theta = theta / self.temperature
         p = torch.softmax(theta, dim=-1)
@@ -89,6 +89,16 @@ class MixtureContext:
     def __init__(self, mixture: Optional[Mixture], p: Optional[Tensor] = None) -> None:
         self.mixture = mixture
         self.p = p
+        self._columns: dict = {}  # (r, device) -> [0]*r + [1]*r + ... + [C-1]*r
+
+    @property
+    def p(self) -> Optional[Tensor]:
+        return self._p
+
+    @p.setter
+    def p(self, value: Optional[Tensor]) -> None:
+        self._p = value
+        self._repeated: dict = {}  # (layer index, r) -> p repeated r times; valid for this p
 
     def probs(self, index: int) -> Tensor:
         p = self.p
@@ -96,3 +106,24 @@ class MixtureContext:
             assert self.mixture is not None
             p = self.mixture(noise=False)
         return p[index] if p.dim() == 2 else p
+
+    def probs_repeated(self, index: int, r: int) -> Tensor:
+        """``(p_1 x r, ..., p_C x r)``: (C*r,), the scale of the columns of ``[B_1 | ... | B_C]``.
+
+        Built once per forward pass for all layers of rank r, with one ``index_select`` (one
+        autograd node; ``repeat_interleave`` makes four): small layers are bound by node count."""
+        if r == 1:
+            return self.probs(index)
+        key = (index if self._p is not None and self._p.dim() == 2 else 0, r)
+        out = self._repeated.get(key) if self._p is not None else None
+        if out is None:
+            p = self.probs(index)
+            columns = self._columns.get((r, p.device))
+            if columns is None:
+                columns = torch.arange(p.shape[0], device=p.device).repeat_interleave(r)
+                self._columns[(r, p.device)] = columns
+            out = p.index_select(0, columns)
+            if self._p is not None:
+                self._repeated[key] = out
+        return out
+

@@ -315,7 +315,7 @@ class Floral(nn.Module):
     def _adaptor_items(self) -> List[Tuple[str, Tensor]]:
         return [(f"adaptor.{name}.{factor}", t)
                 for name, adaptor in self.adaptor_modules().items()
-                for factor, t in adaptor._parameters.items() if t is not None]
+                for factor, t in adaptor.state_items()]
 
     def _shared_targets(self) -> "OrderedDict[str, Tensor]":
         out: "OrderedDict[str, Tensor]" = OrderedDict()
@@ -334,7 +334,10 @@ class Floral(nn.Module):
 
     def shared_state_dict(self) -> "OrderedDict[str, Tensor]":
         """``base.<key>`` (unwrapped model's keys, minus local) then ``adaptor.<layer>.<factor>``.
-        Like ``state_dict()``, tensors are detached but share storage (clone before mutating)."""
+        Like ``state_dict()``, tensors are detached but share storage (clone before mutating).
+        Adaptor tensors have the adaptor index first (``Adaptor.state_items``); for linear
+        layers they are views of 2-d parameters and ``adaptor.<layer>.out`` is not contiguous,
+        so use ``reshape``, not ``view``."""
         return OrderedDict((k, t.detach()) for k, t in self._shared_targets().items())
 
     def private_state_dict(self) -> "OrderedDict[str, Tensor]":

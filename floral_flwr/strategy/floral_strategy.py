@@ -20,7 +20,6 @@ What this class adds over FedAvg:
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -50,6 +48,7 @@ from flwr.serverapp.strategy import (
 from flwr.common.logger import log
 
 from floral_flwr.strategy.aggregate import FloralAccumulator
+from floral_flwr.wire import from_array, to_array
 from floral_flwr.strategy.validation import (
     InvalidReply,
     validate_eval_metrics,
@@ -87,29 +86,6 @@ class RoundStats:
 
 def _nbytes(record: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in record.values()))
-
-
-def array_view(array: Array) -> np.ndarray:
-    """A read-only numpy view of a Flower ``Array``'s ``.npy`` bytes, without the copy that
-    ``Array.numpy()`` makes (np.load into a fresh array). Same result as ``array.numpy()``;
-    falls back to it for anything but a plain C-ordered numeric array."""
-    data = array.data
-    if array.stype == "numpy.ndarray" and isinstance(data, (bytes, bytearray, memoryview)):
-        try:
-            buf = io.BytesIO(data)
-            version = np.lib.format.read_magic(buf)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-            else:
-                raise ValueError(version)
-            if not fortran and not dtype.hasobject:
-                count = int(np.prod(shape, dtype=np.int64))
-                return np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell()).reshape(shape)
-        except ValueError:
-            pass
-    return array.numpy()
 
 
 def summarize_eval(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
@@ -329,12 +305,12 @@ class FloralStrategy(FedAvg):
         # Flower's server optimizers compute in numpy and can promote float32/int64 entries to
         # float64; clients answer in the model's own dtypes, so pin the first round's dtypes.
         if self._dtypes is None:
-            self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+            self._dtypes = {k: from_array(a).dtype for k, a in arrays.items()}
             return arrays
         if all(a.dtype == str(self._dtypes.get(k)) for k, a in arrays.items()):
             return arrays
         return ArrayRecord(
-            {k: Array(np.asarray(a.numpy(), dtype=self._dtypes.get(k, a.numpy().dtype))) for k, a in arrays.items()}
+            {k: to_array(np.asarray(from_array(a), dtype=self._dtypes.get(k, from_array(a).dtype))) for k, a in arrays.items()}
         )
 
     def configure_train(
@@ -343,7 +319,7 @@ class FloralStrategy(FedAvg):
         """Sample clients deterministically and send them the shared state."""
         self.stats = RoundStats(server_round)
         arrays = self._keep_dtypes(arrays)
-        self._template = {k: a.numpy() for k, a in arrays.items()}
+        self._template = {k: from_array(a) for k, a in arrays.items()}  # read-only views
         nodes = self.sample(grid, self.fraction_train, self.min_train_nodes, server_round, salt=0)
         log(INFO, "configure_train: sampled %d nodes (out of %d)", len(nodes), len(self.client_ids))
         config["server-round"] = server_round
@@ -382,7 +358,7 @@ class FloralStrategy(FedAvg):
                 if "metrics" not in msg.content.metric_records:
                     raise InvalidReply("no MetricRecord 'metrics'")
                 record = msg.content.array_records[self.arrayrecord_key]
-                arrays = {k: array_view(a) for k, a in record.items()}
+                arrays = {k: from_array(a) for k, a in record.items()}
                 checked = validate_train_reply(
                     arrays,
                     msg.content.metric_records["metrics"],
@@ -428,7 +404,7 @@ class FloralStrategy(FedAvg):
         metrics = MetricRecord(
             {"train-loss": self.stats.train_loss, "num-replies": acc.num_replies}
         )
-        out = ArrayRecord({k: Array(v) for k, v in result.items()})
+        out = ArrayRecord({k: to_array(v) for k, v in result.items()})
         self.stats.seconds_aggregate = time.perf_counter() - t_start
         return out, metrics
 
