@@ -19,8 +19,10 @@ Per training round:
 * ``client``: time inside the ClientApp's train handler (load the shared state, restore the
   private state, local SGD, save it, build the reply), reported by each client in extra reply
   metrics ``bench-*`` (a benchmark-only ClientApp wrapper; the project's replies carry no such
-  keys); ``sgd`` is the local SGD alone. Shown as the per-round sum over clients divided by the
-  number of concurrent actors (``--concurrency``): the clients' share of the wall time;
+  keys); ``sgd`` is the local SGD alone and ``sgd_cpu`` the training thread's CPU time in it
+  (``time.thread_time``: what the steps cost, without the time other processes took the core
+  away; the most stable ratio on a shared machine; excludes GPU time). Shown as the per-round
+  sum over clients divided by the number of concurrent actors (``--concurrency``);
 * ``aggregate``: ``RoundStats.seconds_aggregate`` (decode the replies' arrays, validate, stream
   them into the accumulator, encode the new global state);
 * ``transport``: the rest, ``round - client - aggregate``: Flower's message serialization, the
@@ -77,17 +79,18 @@ def timed_client_app(cfg: dict[str, Any]):
 
         from floral_flwr.client import handlers, training
 
-        sgd = {"s": 0.0}
+        sgd = {"s": 0.0, "cpu": 0.0}
         original = training.train_local
 
         def timed_train_local(*a: Any, **kw: Any):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 return original(*a, **kw)
             finally:
                 if kw.get("device") is not None and str(kw["device"]).startswith("cuda"):
                     torch.cuda.synchronize()
                 sgd["s"] += time.perf_counter() - t
+                sgd["cpu"] += time.thread_time() - c
 
         training.train_local = timed_train_local
         try:
@@ -101,6 +104,7 @@ def timed_client_app(cfg: dict[str, Any]):
             m = reply.content["metrics"]
             m["bench-handler-s"] = dt
             m["bench-sgd-s"] = sgd["s"]
+            m["bench-sgd-cpu-s"] = sgd["cpu"]
             m["bench-pid"] = os.getpid()
             m["bench-setup-id"] = id(setup) % (1 << 31)
             m["bench-threads"] = torch.get_num_threads()
@@ -208,6 +212,9 @@ def summarize(rounds: list[dict[str, Any]], concurrency: int) -> dict[str, float
         "round": med(r["train_s"] for r in use),
         "client": med(client_share(r, "bench-handler-s") for r in use),
         "sgd": med(client_share(r, "bench-sgd-s") for r in use),
+        # CPU time of the training thread: what the step costs, without the time other
+        # processes (Ray, the server, other tenants) took the core away
+        "sgd_cpu": med(client_share(r, "bench-sgd-cpu-s") for r in use),
         "aggregate": med(r["agg_s"] for r in use),
     }
     out["transport"] = med(
@@ -332,7 +339,7 @@ def main() -> None:
             print(f"rep {rep + 1} {method:7s} total {time.perf_counter() - t0:6.1f}s | " +
                   " ".join(f"{k} {v:.4g}" for k, v in s.items()), flush=True)
 
-    keys = ("round", "client", "sgd", "aggregate", "transport")
+    keys = ("round", "client", "sgd", "sgd_cpu", "aggregate", "transport")
     med = {m: {k: statistics.median(r[k] for r in results[m]) for k in results[m][0]} for m in METHODS}
     ratio_per_rep = [results["floral"][i]["round"] / results["fedavg"][i]["round"] for i in range(args.repeats)]
     lines = [
@@ -356,7 +363,7 @@ def main() -> None:
         f"(median {statistics.median(ratio_per_rep):.3f})  ",
         "serde (protobuf round trip, instruction + reply, ms): "
         + ", ".join(f"{m} {serde[m]:.2f}" for m in METHODS)
-        + f"; bytes up per client: " + ", ".join(f"{m} {med[m]['bytes_up_per_client'] / 1e3:.1f} kB" for m in METHODS)
+        + "; bytes up per client: " + ", ".join(f"{m} {med[m]['bytes_up_per_client'] / 1e3:.1f} kB" for m in METHODS)
         + "  ",
         "ClientApp processes / model+data set-ups over each whole run: "
         + ", ".join(f"{m} {med[m]['processes']:.0f}/{med[m]['setups']:.0f}" for m in METHODS)

@@ -59,7 +59,7 @@ def test_mixture_persists_in_context_state_across_rounds():
     app = make_client_app({**RUN, "mixture-lr": 5.0})
     ctx = _context()
     arrays = _initial_arrays()
-    r1 = app(_message("train", 1, arrays), ctx)
+    app(_message("train", 1, arrays), ctx)
     assert "floral.private" in ctx.state.array_records
     logits1 = ctx.state.array_records["floral.private"]["mixture.logits"].numpy()
     assert not np.allclose(logits1, 0)  # learned something
@@ -106,7 +106,7 @@ def test_state_store_rejects_tampered_and_foreign_files(tmp_path, caplog):
     assert StateDir(tmp_path, kind="B").load() is None
     assert "belongs to" in caplog.text
     # flip array bytes but keep the zip valid: the checksum catches it
-    import io, json, zipfile
+    import io
 
     path = next(tmp_path.glob("round-*.npz"))
     with np.load(path) as z:

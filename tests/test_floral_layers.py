@@ -6,8 +6,6 @@ with ``softmax(logits / T)`` from ``fm.private_state_dict()``; it never calls th
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
