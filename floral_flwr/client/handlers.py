@@ -164,7 +164,7 @@ def restore_private(setup: ClientSetup, context: Context, store: StateDir | None
     if STATE_KEY in context.state.array_records:
         rnd = int(context.state.config_records[STATE_META_KEY]["round"])
         if rnd < server_round:
-            best = (rnd, context.state.array_records[STATE_KEY].to_torch_state_dict())
+            best = (rnd, _record_tensors(context.state.array_records[STATE_KEY]))
     if store is not None:
         # only a file newer than the copy in context.state is read (and checksummed): in a
         # running federation that copy is the newest and the disk copy is for restarts
@@ -200,9 +200,13 @@ def save_private(setup: ClientSetup, context: Context, store: StateDir | None, s
 # ----------------------------------------------------------------------------- messages
 
 
+def _record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """CPU tensors (own, writable copies) of a record's arrays, through the project's codec."""
+    return {k: torch.from_numpy(np.array(from_array(a))) for k, a in record.items()}
+
+
 def _load_shared(setup: ClientSetup, msg: Message) -> None:
-    record = msg.content["arrays"]
-    state = {k: torch.from_numpy(np.array(from_array(a))).to(setup.device) for k, a in record.items()}
+    state = {k: t.to(setup.device) for k, t in _record_tensors(msg.content["arrays"]).items()}
     setup.handle.load_shared_state_dict(state)
 
 

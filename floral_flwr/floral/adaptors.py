@@ -107,8 +107,7 @@ class Adaptor(nn.Module):
     # The fold_* methods are what the parametrizations call; they compute the same value as
     # ``base + alpha * delta`` with fewer kernel launches (small models are launch-bound).
     def fold_weight(self, weight: Tensor, p: Tensor, alpha: float) -> Tensor:
-        delta = self.delta_weight(p)
-        return weight + (delta if alpha == 1.0 else alpha * delta)
+        return _add_scaled(weight, self.delta_weight(p), alpha)
 
     def fold_bias(self, bias: Tensor, p: Tensor, alpha: float) -> Tensor:
         return _fold_vector(bias, self._parameters["bias"], p, alpha)
@@ -116,6 +115,11 @@ class Adaptor(nn.Module):
     @property
     def num_adaptors(self) -> int:
         return self.state_items()[0][1].shape[0]
+
+
+def _add_scaled(base: Tensor, delta: Tensor, alpha: float) -> Tensor:
+    """``base + alpha * delta`` (no multiply when alpha is 1)."""
+    return base + (delta if alpha == 1.0 else alpha * delta)
 
 
 def _cast(p: Tensor, like: Tensor) -> Tensor:
@@ -172,21 +176,23 @@ class LinearAdaptor(Adaptor):
         return p if self.rank == 1 else p.repeat_interleave(self.rank)
 
     def delta_weight(self, p: Tensor) -> Tensor:
+        return self._delta_columns(self._columns(p))
+
+    def _delta_columns(self, p_columns: Tensor) -> Tensor:
         b = self._parameters["out"]
         # [B_1 p_1 | ... | B_C p_C] @ [A_1; ...; A_C]: one rank-(C*r) product.
-        return (b * _cast(self._columns(p), b)) @ self._parameters["in"]
+        return (b * _cast(p_columns, b)) @ self._parameters["in"]
 
     def fold_weight(self, weight: Tensor, p: Tensor, alpha: float) -> Tensor:
         return self.fold_weight_columns(weight, self._columns(p), alpha)
 
     def fold_weight_columns(self, weight: Tensor, p_columns: Tensor, alpha: float) -> Tensor:
         """``fold_weight`` with p given per column of [B_1 | ... | B_C] (C*r,)."""
-        b = self._parameters["out"]
         if torch.is_autocast_enabled(weight.device.type):
             # autocast would run addmm in low precision and round the base weight too; keep the
             # parameter's dtype (the layer casts it for its own matmul anyway).
-            delta = (b * _cast(p_columns, b)) @ self._parameters["in"]
-            return weight + (delta if alpha == 1.0 else alpha * delta)
+            return _add_scaled(weight, self._delta_columns(p_columns), alpha)
+        b = self._parameters["out"]
         return torch.addmm(weight, b * _cast(p_columns, b), self._parameters["in"], alpha=alpha)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], ctx: MixtureContext,

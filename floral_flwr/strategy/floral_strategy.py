@@ -310,7 +310,7 @@ class FloralStrategy(FedAvg):
         if all(a.dtype == str(self._dtypes.get(k)) for k, a in arrays.items()):
             return arrays
         return ArrayRecord(
-            {k: to_array(np.asarray(from_array(a), dtype=self._dtypes.get(k, from_array(a).dtype))) for k, a in arrays.items()}
+            {k: to_array(np.asarray(from_array(a), dtype=self._dtypes.get(k))) for k, a in arrays.items()}
         )
 
     def configure_train(
