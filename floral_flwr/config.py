@@ -1,3 +1,4 @@
+# size: every run-config key with its validation in one place (the single source the validator, the README and `list keys` read).
 """The run config: every key, its default, its type and what is allowed, validated once.
 
 Flower hands the ServerApp and ClientApp a flat ``run_config`` dict (``[tool.flwr.app.config]``
@@ -22,7 +23,7 @@ from typing import Any, Mapping
 # validating a config never imports torch or flwr.
 METHODS = (
     "floral", "floral-oracle", "fedavg", "local-adaptor",
-    # baselines (floral_flwr/baselines)
+    # the baselines (each a peer module of floral_flwr/methods; tests check this list against its registry)
     "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa",
 )
 # (method, server-optimizer) pairs that cannot work together; checked before round 1.
