@@ -41,6 +41,9 @@ CONV_METHODS = ("balanced_2d", "balanced", "in", "out")
 DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("off", "bf16")
 AGGREGATIONS = ("mean", "sum-only")
+# robust aggregation (floral_flwr.strategy.robust); trimmed-mean/median need per-client values
+ROBUST_MODES = ("none", "clip", "trimmed-mean", "median")
+PER_CLIENT_ROBUST = ("trimmed-mean", "median")
 AUTO = "auto"
 
 # key -> default. Order = order in README and pyproject.toml.
@@ -92,6 +95,11 @@ DEFAULTS: dict[str, Any] = {
     "holdout-clients": 0.0,
     "adapt-steps": 20,
     "ditto-lambda": 1.0,
+    # bounds on what one client can do to the aggregate (docs/security.md)
+    "robust": "none",
+    "clip-norm": 0.0,
+    "trim-fraction": 0.2,
+    "max-examples": 0.0,
     # data and outputs
     "data-dir": "",
     "output-dir": "~/floral-results",
@@ -152,6 +160,10 @@ class RunConfig:
     holdout_clients: float
     adapt_steps: int
     ditto_lambda: float
+    robust: str
+    clip_norm: float
+    trim_fraction: float
+    max_examples: float
     data_dir: str
     output_dir: str
     run_name: str
@@ -248,6 +260,25 @@ def _range_text(lo: Any, hi: Any, lo_open: bool = False) -> str:
     return ""
 
 
+def is_valid_run_name(name: Any) -> bool:
+    """A run name is one directory name inside ``output-dir``: no separators, no ``.``/``..``,
+    no hidden name, no control characters; ``""`` (automatic) is valid."""
+    if not isinstance(name, str):
+        return False
+    if name == "":
+        return True
+    return (len(name) <= 200 and not name.startswith(".") and name.strip() == name
+            and not any(c in name for c in "/\\:") and all(c.isprintable() for c in name))
+
+
+def _as_trim_fraction(value: Any) -> float:
+    """trim-fraction: the weight removed from each end, in [0, 0.5)."""
+    beta = _as_float("trim-fraction", value, 0.0, 0.5)
+    if beta >= 0.5:
+        raise _err("trim-fraction", value, "a number in [0, 0.5) (0.5 would trim everything: use robust 'median')")
+    return beta
+
+
 def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise _err(key, value, "one of " + ", ".join(repr(c) for c in choices))
@@ -334,8 +365,9 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
     if not isinstance(output_dir, str) or not output_dir.strip():
         raise _err("output-dir", output_dir, "a non-empty directory path")
     run_name = merged["run-name"]
-    if not isinstance(run_name, str) or any(c in run_name for c in "/\\\0"):
-        raise _err("run-name", run_name, "a name without path separators ('' = automatic)")
+    if not is_valid_run_name(run_name):
+        raise _err("run-name", run_name, "a name of at most 200 printable characters without path "
+                   "separators, not '.' or '..' and not starting with '.' ('' = automatic)")
     data_dir = merged["data-dir"]
     if not isinstance(data_dir, str):
         raise _err("data-dir", data_dir, "a directory path or ''")
@@ -384,6 +416,10 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         holdout_clients=_as_float("holdout-clients", merged["holdout-clients"], 0.0, 0.9),
         adapt_steps=_as_int("adapt-steps", merged["adapt-steps"], 0),
         ditto_lambda=_as_float("ditto-lambda", merged["ditto-lambda"], 0.0),
+        robust=_as_choice("robust", merged["robust"], ROBUST_MODES),
+        clip_norm=_as_float("clip-norm", merged["clip-norm"], 0.0),
+        trim_fraction=_as_trim_fraction(merged["trim-fraction"]),
+        max_examples=_as_float("max-examples", merged["max-examples"], 0.0),
         data_dir=data_dir,
         output_dir=output_dir,
         run_name=run_name,
@@ -397,6 +433,12 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         raise ConfigError(
             f"run config 'method' = {cfg.method!r} cannot be combined with 'server-optimizer' = "
             f"{cfg.server_optimizer!r}: {why}"
+        )
+    if cfg.robust in PER_CLIENT_ROBUST and cfg.aggregation != "mean":
+        raise ConfigError(
+            f"run config 'robust' = {cfg.robust!r} cannot be combined with 'aggregation' = "
+            f"{cfg.aggregation!r}: a trimmed mean or median needs each client's values, and that "
+            f"mode gives the server only sums; use robust 'clip' or 'none', or aggregation 'mean'"
         )
     if cfg.prob_floor * cfg.num_adaptors > 1.0:
         raise _err(

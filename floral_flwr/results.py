@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from floral_flwr.fileio import atomic_write_bytes, load_npz, save_npz
+from floral_flwr.rundir import Checkpoints
 
 ROUND_FIELDS = [
     "round", "elapsed-s", "round-s", "train-loss", "sampled", "received", "failures", "rejected",
@@ -95,29 +96,19 @@ class RunRecorder:
     # ------------------------------------------------------------------ checkpoint
 
     def has_checkpoint(self) -> bool:
-        return (self.ckpt_dir / "meta.json").exists()
+        return Checkpoints(self.ckpt_dir).exists()
 
     def save_checkpoint(self, server_round: int, arrays: dict[str, np.ndarray],
                         optimizer: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
-        # state and optimizer first, meta last: meta.json names a round only once both exist
-        save_npz(self.ckpt_dir / f"state-{server_round:06d}.npz", arrays)
-        save_npz(self.ckpt_dir / f"optimizer-{server_round:06d}.npz", optimizer)
-        meta = {"round": server_round, "elapsed-s": self.elapsed(), **extra}
-        atomic_write_bytes(self.ckpt_dir / "meta.json", json.dumps(meta, indent=2).encode())
-        for p in self.ckpt_dir.glob("*-*.npz"):
-            if not p.name.endswith(f"-{server_round:06d}.npz"):
-                p.unlink(missing_ok=True)
+        # the last two rounds are kept; a non-finite state is refused (floral_flwr.rundir)
+        Checkpoints(self.ckpt_dir).save(server_round, arrays, optimizer, {"elapsed-s": self.elapsed(), **extra})
 
     def latest_state(self) -> dict[str, np.ndarray]:
-        """The global arrays of the newest checkpoint (no side effects)."""
-        meta = json.loads((self.ckpt_dir / "meta.json").read_text())
-        return load_npz(self.ckpt_dir / f"state-{int(meta['round']):06d}.npz")
+        """The global arrays of the newest readable checkpoint (no side effects)."""
+        return Checkpoints(self.ckpt_dir).latest_state()
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
-        meta = json.loads((self.ckpt_dir / "meta.json").read_text())
-        rnd = int(meta["round"])
-        arrays = load_npz(self.ckpt_dir / f"state-{rnd:06d}.npz")
-        optimizer = load_npz(self.ckpt_dir / f"optimizer-{rnd:06d}.npz")
+        rnd, arrays, optimizer, meta = Checkpoints(self.ckpt_dir).load()
         self.elapsed_before = float(meta.get("elapsed-s", 0.0))
         return rnd, arrays, optimizer, meta
 

@@ -20,6 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 from floral_flwr.config import ConfigError, RunConfig, parse_run_config, resolve_output_dir
 from floral_flwr.methods import build_handle, check_method_task
 from floral_flwr.results import RunRecorder
+from floral_flwr.rundir import (Checkpoints, CheckpointWriteError, NonFiniteState, RunFailed, claim_run_dir,
+                               finished_summary)
 from floral_flwr.strategy.floral_strategy import FloralStrategy, build_strategy
 from floral_flwr.wire import to_array
 
@@ -57,19 +59,26 @@ def prepare_run(cfg: RunConfig) -> tuple[Any, Any, RunRecorder]:
         raise ConfigError(str(exc)) from exc
     handle = build_handle(cfg, task.build_model)
     run_dir = _run_dir(cfg)
-    recorder = RunRecorder(run_dir, task.metric, cfg.num_server_rounds)
-    try:
-        recorder.prepare(cfg.to_dict(), resume=cfg.resume)
-    except OSError as exc:
-        raise ConfigError(
-            f"run config 'output-dir' = {cfg.output_dir!r}: cannot write the run directory "
-            f"'{run_dir}' ({exc.strerror or exc}); choose a writable directory"
-        ) from exc
-    if cfg.resume and not recorder.has_checkpoint():
+    if cfg.resume and not Checkpoints(run_dir / "checkpoint").exists():
         raise ConfigError(
             f"run config 'resume' = true but '{run_dir}' has no checkpoint: run without resume "
             f"first, or point 'run-name' at an interrupted run"
         )
+    claimed = None
+    try:
+        # refuses an existing run without resume, locks it, stores/checks the resolved config
+        claimed = claim_run_dir(run_dir, cfg.to_dict(), cfg.resume, auto_named=not cfg.run_name)
+        run_dir = claimed.path
+        recorder = RunRecorder(run_dir, task.metric, cfg.num_server_rounds)
+        recorder.run_lock = claimed  # released when run_server returns
+        recorder.prepare(cfg.to_dict(), resume=cfg.resume)
+    except OSError as exc:
+        if claimed is not None:
+            claimed.release()
+        raise ConfigError(
+            f"run config 'output-dir' = {cfg.output_dir!r}: cannot write the run directory "
+            f"'{run_dir}' ({exc.strerror or exc}); choose a writable directory"
+        ) from exc
     return task, handle, recorder
 
 
@@ -106,6 +115,21 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     except ConfigError as exc:
         log(logging.ERROR, "[floral] configuration error: %s", exc)
         raise
+    try:
+        finished = finished_summary(recorder.run_dir, cfg.num_server_rounds) if cfg.resume else None
+        if finished is not None:  # resume of a finished run: nothing to do, its summary is kept
+            print(f"[floral] {recorder.run_dir} already finished its {cfg.num_server_rounds} rounds: "
+                  f"nothing to do (summary.json kept)", flush=True)
+            return finished
+        return _run_prepared(grid, cfg, task, handle, recorder)
+    except (RunFailed, NonFiniteState, CheckpointWriteError) as exc:
+        log(logging.ERROR, "[floral] run stopped: %s", exc)
+        raise
+    finally:
+        recorder.run_lock.release()
+
+
+def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: RunRecorder) -> dict[str, Any]:
     run_dir = recorder.run_dir
     print(f"[floral] run directory: {run_dir}", flush=True)
     num_adaptors = handle.num_adaptors
@@ -150,7 +174,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         recorder.parameter_report = {"base": n, "adaptors": 0, "mixture": 0,
                                      "bytes_up": 4 * n, "bytes_down": 4 * n}
 
-    train_config = ConfigRecord({})
+    train_config = ConfigRecord({"run-key": run_dir.name})  # namespaces a node's state-dir by run
     if cfg.persist_client_state:
         train_config["client-state-dir"] = str(run_dir / "client-state")
     eval_config = ConfigRecord(dict(train_config))

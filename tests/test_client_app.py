@@ -81,7 +81,7 @@ def test_state_dir_survives_a_restart_and_corrupt_files_start_fresh(tmp_path, ca
     ctx = _context(**{"state-dir": str(tmp_path)})
     app(_message("train", 1, arrays), ctx)
     saved = ctx.state.array_records["floral.private"]["mixture.logits"].numpy()
-    files = list((tmp_path / "client-1").glob("round-*.npz"))
+    files = list((tmp_path / "floral-flwr" / "default" / "client-1").glob("round-*.npz"))
     assert len(files) == 1
     # restart: empty context.state, same state dir -> evaluation uses the learned mixture
     restarted = _context(**{"state-dir": str(tmp_path)})

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from floral_flwr.client.state_store import StateDir
+from floral_flwr.client.state_store import DEFAULT_RUN_KEY, StateDir, accept_suggested_dir, node_state_root
 from floral_flwr.fileio import save_npz
 from floral_flwr.strategy.aggregate import scale_for_sum
 from floral_flwr.methods.training import evaluate_local, seed_for, seed_torch
@@ -128,15 +128,28 @@ def apply_performance_options(cfg: RunConfig, handle: ModelHandle, device: torch
 def _state_dir(context: Context, cfg: RunConfig, client_id: int, config: ConfigRecord) -> str | None:
     """Where this client's private state lives on disk, or None (memory only).
 
-    The node's own ``state-dir`` (deployment) wins; otherwise, with ``persist-client-state``,
-    the directory the server suggests for simulation (inside the run's output folder).
+    The node's own ``state-dir`` (deployment) wins, namespaced by app and run
+    (``<state-dir>/floral-flwr/<run>/client-<id>``); otherwise, with ``persist-client-state``,
+    the directory the server suggests for simulation, only if it is a run directory on this
+    machine (see :func:`floral_flwr.client.state_store.accept_suggested_dir`).
     """
     root = context.node_config.get("state-dir")
     if root:
-        return os.path.join(str(root), f"client-{client_id}")
-    if cfg.persist_client_state and config.get("client-state-dir"):
-        return os.path.join(str(config["client-state-dir"]), f"client-{client_id}")
+        return str(node_state_root(str(root), str(config.get("run-key", DEFAULT_RUN_KEY)), client_id))
+    suggested = config.get("client-state-dir")
+    if cfg.persist_client_state and suggested:
+        accepted = accept_suggested_dir(str(suggested))
+        if accepted is not None:
+            return os.path.join(str(accepted), f"client-{client_id}")
+        if str(suggested) not in _IGNORED_DIRS:
+            _IGNORED_DIRS.add(str(suggested))
+            logger.warning("ignoring the server's client-state-dir %r: not a run directory on this node; "
+                           "private state is kept in memory (set the node config 'state-dir' to keep it "
+                           "across restarts)", str(suggested))
     return None
+
+
+_IGNORED_DIRS: set[str] = set()
 
 
 def open_store(context: Context, setup: ClientSetup, client_id: int, config: ConfigRecord) -> StateDir | None:
@@ -376,6 +389,7 @@ def handle_query(msg: Message, context: Context, run_config: Mapping[str, Any] |
     cluster = setup.task.cluster_of(cid)
     metrics = {
         "client-id": cid,
+        "num-partitions": client_identity(context)[1],
         "num-train-examples": data.num_train,
         "true-cluster": -1 if cluster is None else int(cluster),
         "holdout": int(is_holdout(context, setup.cfg, setup.task)),

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from floral_flwr.floral import Floral
+from floral_flwr.floral.adaptors import Adaptor
 from floral_flwr.methods.base import MethodSpec, ModelHandle, register
 from floral_flwr.methods.floral import floral_kwargs
 from floral_flwr.methods.training import sgd_steps, train_local
@@ -157,13 +158,33 @@ class FedDPAHandle(ModelHandle):
     def adaptor_weights(self, n: float) -> list[float]:
         return [float(n)]
 
+    def _slot_masks(self, frozen: int) -> dict[int, torch.Tensor]:
+        """Per adaptor parameter (by id): 1 everywhere except 0 on adaptor slot ``frozen``.
+
+        A bank's parameter is not always indexed by the adaptor first (linear banks are the
+        2-d matrices [A_1; A_2] and [B_1 | B_2]); :meth:`Adaptor.state_items` gives views with
+        the adaptor first, so the mask is written through those views into a parameter-shaped
+        tensor (the parameter's values are restored)."""
+        masks: dict[int, torch.Tensor] = {}
+        for mod in self.fm.modules():
+            if not isinstance(mod, Adaptor):
+                continue
+            params = list(mod.parameters(recurse=False))
+            with torch.no_grad():
+                saved = [p.detach().clone() for p in params]
+                for p in params:
+                    p.fill_(1.0)
+                for _, view in mod.state_items():  # views of the parameters just filled
+                    view[frozen] = 0.0
+                for p, old in zip(params, saved):
+                    masks[id(p)] = p.detach().clone()
+                    p.copy_(old)
+        return masks
+
     def _mask_slot(self, frozen: int) -> list[Any]:
-        """Zero the gradient of adaptor slot ``frozen`` (the stacked tensors share one Parameter)."""
-        def hook(g: torch.Tensor) -> torch.Tensor:
-            g = g.clone()
-            g[frozen] = 0
-            return g
-        return [p.register_hook(hook) for p in self._adaptor_params()]
+        """Zero the gradient of adaptor slot ``frozen`` (the C slots share one Parameter)."""
+        masks = self._slot_masks(frozen)
+        return [p.register_hook(lambda g, m=masks[id(p)]: g * m) for p in self._adaptor_params()]
 
     def _local_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": self._adaptor_params(), "lr": lr}]
