@@ -128,18 +128,18 @@ def claim_run_dir(path: Path, config: dict[str, Any], resume: bool, auto_named: 
     Returns the claimed directory (its ``path`` differs from ``path`` when an automatic name
     collided). Raises :class:`RunDirError` with a message naming the key to change."""
     path = Path(path)
-    if not resume and holds_run(path):
-        if not auto_named:
-            raise RunDirError(
-                f"run config 'run-name' = {path.name!r}: '{path}' already holds a run; set "
-                f"resume=true to continue it, or choose another 'run-name' (nothing was changed)"
-            )
+    if not resume and auto_named and holds_run(path):
         new = _free_name(path)
         print(f"[floral] '{path.name}' exists: this run writes to '{new.name}'", flush=True)
         path = new
     path.mkdir(parents=True, exist_ok=True)
-    fd = _lock(path)
+    fd = _lock(path)  # first: a run in progress is reported as such
     try:
+        if not resume and holds_run(path):
+            raise RunDirError(
+                f"run config 'run-name' = {path.name!r}: '{path}' already holds a run; set "
+                f"resume=true to continue it, or choose another 'run-name' (nothing was changed)"
+            )
         if resume:
             check_resume_config(path, config)
         else:

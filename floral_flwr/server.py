@@ -71,7 +71,10 @@ def prepare_run(cfg: RunConfig) -> tuple[Any, Any, RunRecorder]:
         run_dir = claimed.path
         recorder = RunRecorder(run_dir, task.metric, cfg.num_server_rounds)
         recorder.run_lock = claimed  # released when run_server returns
-        recorder.prepare(cfg.to_dict(), resume=cfg.resume)
+        # resume of a finished run: nothing is written, its summary is kept
+        recorder.finished = finished_summary(run_dir, cfg.num_server_rounds) if cfg.resume else None
+        if recorder.finished is None:
+            recorder.prepare(cfg.to_dict(), resume=cfg.resume)
     except OSError as exc:
         if claimed is not None:
             claimed.release()
@@ -116,11 +119,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         log(logging.ERROR, "[floral] configuration error: %s", exc)
         raise
     try:
-        finished = finished_summary(recorder.run_dir, cfg.num_server_rounds) if cfg.resume else None
-        if finished is not None:  # resume of a finished run: nothing to do, its summary is kept
+        if recorder.finished is not None:
             print(f"[floral] {recorder.run_dir} already finished its {cfg.num_server_rounds} rounds: "
                   f"nothing to do (summary.json kept)", flush=True)
-            return finished
+            return recorder.finished
         return _run_prepared(grid, cfg, task, handle, recorder)
     except (RunFailed, NonFiniteState, CheckpointWriteError) as exc:
         log(logging.ERROR, "[floral] run stopped: %s", exc)

@@ -195,7 +195,7 @@ class FloralAccumulator:
                 term = x * n
             total = self._sums.get(key)
             if total is None:
-                self._sums[key] = term.copy() if term is x else term
+                self._sums[key] = np.array(term, dtype=np.float64)  # an array (0-d too), owned
             else:
                 np.add(total, term, out=total)
             if key not in self._parts:  # keep the block bookkeeping's key set complete
