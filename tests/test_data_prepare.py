@@ -453,3 +453,24 @@ def test_mnist_tasks_on_the_5k_subset_get_twenty_clients(tmp_path, capsys):
         assert sizes == ({(10, 50)} if name.endswith("-reduced") else {(200, 50)})
     with pytest.raises(DatasetNotFoundError, match="holds prepared 'mnist' data"):
         get_task("fmnist-rotate", num_clients=20, data_dir=str(out))
+
+
+def test_compare_sizes_the_federation_from_the_prepared_data_dir(tmp_path, capsys, monkeypatch):
+    import floral_flwr.compare as compare
+
+    out = tmp_path / "m5k"
+    rc, _, err = run_cli(capsys, "mnist-5k", out, "--from",
+                         write_csv(tmp_path / "mnist_5k.csv.gz", csv_rows(per_class=5)))
+    assert rc == 0, err
+    seen = []
+
+    def record(job):  # stands in for a real run: only the federation's size matters here
+        seen.append((job["task"], job["num-clients"], job["config"].get("data-dir")))
+        raise RuntimeError("not run in this test")
+
+    monkeypatch.setattr(compare, "run_one", record)
+    compare.main(["--tasks", "mnist-label-shift", "--methods", "fedavg", "--seeds", "1",
+                  "--rounds", "1", "--out", str(tmp_path / "cmp"), "--set", f"data-dir={out}"])
+    compare.main(["--tasks", "fmnist-label-shift", "--methods", "fedavg", "--seeds", "1",
+                  "--rounds", "1", "--out", str(tmp_path / "cmp2")])
+    assert seen == [("mnist-label-shift", 20, str(out)), ("fmnist-label-shift", 300, None)]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from floral_flwr.tasks import TASK_NAMES, get_task, task_defaults
+from floral_flwr.tasks import TASK_NAMES, get_task, task_defaults, task_info
 from floral_flwr.tasks.partitioners import (ClusterIidPartitioner, LabelModClusterPartitioner,
                                             LabelShiftPartitioner, RotateTransform,
                                             RotationPartitioner)
@@ -170,6 +170,11 @@ def test_fmnist_tasks_read_fashion_mnist_under_the_paper_mnist_protocol(data_roo
         assert np.array_equal(got, np.rot90(xf[idx], k=k % 4, axes=(1, 2)))
     xm, _ = _raw(data_root / "mnist" / "train.parquet", DATASETS["mnist"])
     assert not np.array_equal(xf[:len(xm)], xm[:len(xf)])
+    info = task_info("fmnist-label-shift-reduced")  # the server's view: no data read
+    assert (info.num_clusters, info.metric) == (4, "accuracy")
+    assert info.defaults == task_defaults("fmnist-label-shift-reduced")
+    assert [(m.in_features, m.out_features) for m in info.build_model().modules()
+            if isinstance(m, torch.nn.Linear)] == [(784, 200), (200, 10)]
     ls = get_task("fmnist-label-shift", num_clients=8, seed=1, data_dir=str(data_root))
     _, yt = _raw(data_root / "fashion-mnist" / "test.parquet", DATASETS["fashion-mnist"])
     assert np.array_equal(ls.client_data(6).test_y.numpy(),
