@@ -29,7 +29,7 @@ from pathlib import Path
 
 from floral_flwr.tasks.prepare import PREPARABLE, PrepareError, prepare_dataset
 from floral_flwr.tasks.sources import (DATASETS, download_dataset, load_split_arrays,
-                                       write_fake_dataset)
+                                       verify_prepared, write_fake_dataset)
 
 __all__ = ["main", "download_dataset", "write_fake_dataset", "prepare_dataset"]
 
@@ -95,14 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     # check
     spec = DATASETS[a.name]
     try:
+        files, arrays = {}, {}
         for split in ("train", "test"):
             p = Path(a.dir) / f"{split}.parquet"
             if not p.is_file():
                 raise ValueError(f"{p}: missing")
             t = time.perf_counter()
             x, y = load_split_arrays(p, spec)
+            files[split], arrays[split] = p, (x, y)
             print(f"{p}: {len(y)} rows, images {x.shape[1:]} uint8, labels 0..{int(y.max())}, "
                   f"decoded in {time.perf_counter() - t:.1f} s")
+        manifest = verify_prepared(Path(a.dir), spec, files, arrays)
+        if manifest is not None:
+            print(f"{Path(a.dir) / 'manifest.json'}: {manifest['variant']}, checksums match")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

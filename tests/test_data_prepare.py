@@ -308,7 +308,7 @@ def test_interrupted_write_leaves_nothing_that_looks_valid(tmp_path, capsys, mon
 
 
 @pytest.mark.parametrize("change", ["pixel", "label", "row"])
-def test_tampered_split_fails_the_checksum_check(change, fashion_dir):
+def test_tampered_split_fails_the_checksum_check(change, fashion_dir, capsys):
     out, arrays, _ = fashion_dir
     x, y = (a.copy() for a in arrays["train"])
     if change == "pixel":
@@ -325,9 +325,19 @@ def test_tampered_split_fails_the_checksum_check(change, fashion_dir):
     for w in (str(out / "train.parquet"), "checksum mismatch", key,
               "python -m floral_flwr.data prepare fashion-mnist"):
         assert w in msg, (w, msg)
-    # the SuperNode path (data_path) checks the same manifest
+    # the SuperNode path (data_path) checks the same manifest, and so does `check`
     with pytest.raises(DatasetChecksumError):
         get_task("fmnist-rotate", num_clients=4, data_path=str(out))
+    assert main(["check", "fashion-mnist", str(out)]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_check_confirms_an_intact_preparation(fashion_dir, capsys):
+    out, _, _ = fashion_dir
+    assert main(["check", "fashion-mnist", str(out)]) == 0
+    assert "fashion-mnist, checksums match" in capsys.readouterr().out
+    assert main(["check", "mnist", str(out)]) == 1  # same schema, other dataset
+    assert "holds prepared 'fashion-mnist' data" in capsys.readouterr().err
 
 
 def test_damaged_manifest_is_one_clear_error(fashion_dir):
@@ -436,8 +446,9 @@ def test_damaged_csv_is_one_clear_message(change, tmp_path, capsys):
 
 
 def test_mnist_tasks_on_the_5k_subset_get_twenty_clients(tmp_path, capsys):
-    # 500 per digit as the real file: 4000 / 1000 rows, 200 / 50 per client at K = 20
-    csv = write_csv(tmp_path / "mnist_5k.csv.gz", csv_rows(per_class=500))
+    # a tenth of the real file (50 per digit, not 500): 400 / 100 rows, 20 / 5 per client at
+    # K = 20 (the real 4000 / 1000 give 200 / 50)
+    csv = write_csv(tmp_path / "mnist_5k.csv.gz", csv_rows(per_class=50))
     out = tmp_path / "m5k"
     rc, _, err = run_cli(capsys, "mnist-5k", out, "--from", csv)
     assert rc == 0, err
@@ -450,7 +461,7 @@ def test_mnist_tasks_on_the_5k_subset_get_twenty_clients(tmp_path, capsys):
         assert {k: v for k, v in pre.items() if k != "num-clients"} == \
             {k: v for k, v in task_defaults(name).items() if k != "num-clients"}
         sizes = {(task.client_data(k).num_train, task.client_data(k).num_test) for k in range(20)}
-        assert sizes == ({(10, 50)} if name.endswith("-reduced") else {(200, 50)})
+        assert sizes == ({(10, 5)} if name.endswith("-reduced") else {(20, 5)})
     with pytest.raises(DatasetNotFoundError, match="holds prepared 'mnist' data"):
         get_task("fmnist-rotate", num_clients=20, data_dir=str(out))
 
