@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 from floral_flwr.tasks.prepare import PREPARABLE, PrepareError, prepare_dataset
+from floral_flwr.tasks.manifest import verify_prepared
 from floral_flwr.tasks.sources import (DATASETS, download_dataset, load_split_arrays,
-                                       verify_prepared, write_fake_dataset)
+                                       write_fake_dataset)
 
 __all__ = ["main", "download_dataset", "write_fake_dataset", "prepare_dataset"]
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             files[split], arrays[split] = p, (x, y)
             print(f"{p}: {len(y)} rows, images {x.shape[1:]} uint8, labels 0..{int(y.max())}, "
                   f"decoded in {time.perf_counter() - t:.1f} s")
-        manifest = verify_prepared(Path(a.dir), spec, files, arrays)
+        manifest = verify_prepared(Path(a.dir), spec.name, files, arrays)
         if manifest is not None:
             print(f"{Path(a.dir) / 'manifest.json'}: {manifest['variant']}, checksums match")
     except ValueError as e:

