@@ -67,10 +67,10 @@ from torch import nn
 from .base import (ClientData, Task, check_fraction, check_int, check_num_clients,
                    check_num_clusters, default_preset, normalize_options, reduce_train_indices,
                    resolve_angles, resolve_shifts, rng_for, rotate_images, split_train_test)
-from .manifest import verify_prepared
+from .manifest import read_manifest, verify_prepared
 from .models import MLP, VGG8, Cifar10CNN
 from .sources import (DATASETS, DatasetNotFoundError, DatasetSpec, clear_decoded_cache,
-                      load_split_arrays, locate_dataset)
+                      load_split_arrays, locate_dataset, resolve_local_dir)
 
 __all__ = ["ImageTask", "clear_cache", "PAPER_PRESETS", "VARIANT_CLIENTS", "dataset_of",
            "image_defaults", "image_extra_defaults", "data_variant"]
@@ -101,9 +101,6 @@ def data_variant(name: str, data_dir: Optional[str] = None) -> Optional[str]:
     """The prepared variant (manifest ``variant``, e.g. ``mnist-5k``) the task ``name`` would
     read from ``data_dir`` (same search as the task; None: not found or not prepared). Reads a
     small JSON file, never the data."""
-    from .manifest import read_manifest
-    from .sources import resolve_local_dir
-
     root, _ = resolve_local_dir(dataset_of(name), data_dir)
     doc = read_manifest(root) if root is not None else None
     return None if doc is None else doc["variant"]
