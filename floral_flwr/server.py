@@ -22,7 +22,8 @@ from floral_flwr.methods import build_handle, check_method_task
 from floral_flwr.results import RunRecorder
 from floral_flwr.rundir import (Checkpoints, CheckpointWriteError, NonFiniteState, RunFailed, claim_run_dir,
                                finished_summary)
-from floral_flwr.strategy.floral_strategy import FloralStrategy, build_strategy
+from floral_flwr.strategy.floral_strategy import FloralStrategy
+from floral_flwr.strategy.optimizers import build_strategy
 from floral_flwr.wire import to_array
 
 logger = logging.getLogger("floral_flwr")
