@@ -22,6 +22,7 @@ from floral_flwr.methods import build_handle, check_method_task
 from floral_flwr.results import RunRecorder
 from floral_flwr.rundir import (Checkpoints, CheckpointWriteError, NonFiniteState, RunFailed, claim_run_dir,
                                finished_summary)
+from floral_flwr.strategy.bounds import ExampleCaps
 from floral_flwr.strategy.floral_strategy import FloralStrategy
 from floral_flwr.strategy.optimizers import build_strategy
 from floral_flwr.wire import to_array
@@ -84,6 +85,14 @@ def prepare_run(cfg: RunConfig) -> tuple[Any, Any, RunRecorder]:
             f"'{run_dir}' ({exc.strerror or exc}); choose a writable directory"
         ) from exc
     return task, handle, recorder
+
+
+def example_caps(cfg: RunConfig) -> ExampleCaps:
+    """The server's bounds on reply weights: ``max-examples`` and, for tasks the server can split
+    itself, every client's partition size (docs/security.md)."""
+    from floral_flwr.tasks import partition_sizes
+
+    return ExampleCaps(cfg.max_examples, lambda n: partition_sizes(cfg.task, n, cfg.seed))
 
 
 def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
@@ -155,6 +164,7 @@ def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: 
         client_lr=cfg.lr,
     )
     strategy.sum_only = cfg.aggregation == "sum-only"
+    strategy.set_robustness(cfg.robust, cfg.clip_norm, cfg.trim_fraction, caps=example_caps(cfg))
     start_round = 1
     arrays = initial
     if cfg.resume:

@@ -128,7 +128,8 @@ def test_byte_counting_proxy_forwards_and_counts():
 def test_unreachable_superlink_ends_the_supernode_in_bounded_time(tmp_path):
     t0 = time.monotonic()
     proc = deploy.start_supernode(tmp_path, 0, f"127.0.0.1:{free_port()}",
-                                  {"partition-id": 0, "num-partitions": 2}, max_wait_time=3)
+                                  {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "s")},
+                                  max_wait_time=3)
     try:
         proc.popen.wait(timeout=90)
     finally:

@@ -37,6 +37,8 @@ class Deployment:
     # SuperLink then still knows its SuperNodes, which reconnect; with the default in-memory state
     # they are refused (401) and exit, and must be restarted too
     database: bool = False
+    # SuperNodes reach the SuperLink through a Fleet-API-only gateway (on by default off loopback)
+    fleet_gateway: bool | None = None
     superlink: Proc | None = None
     nodes: dict[int, Proc] = field(default_factory=dict)
     byte_counter: "ByteCountingProxy | None" = None
@@ -45,6 +47,8 @@ class Deployment:
     def __post_init__(self) -> None:
         self.work = Path(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
+        if self.state_root is None:  # every SuperNode needs a state-dir of its own
+            self.state_root = self.work / "state"
 
     @property
     def address(self) -> str:
@@ -53,15 +57,17 @@ class Deployment:
 
     @property
     def fleet_address(self) -> str:
+        """Where SuperNodes connect: the byte counter, else the Fleet gateway, else the SuperLink."""
         if self.byte_counter is not None:
             return f"127.0.0.1:{self.byte_counter.port}"
-        return self.address
+        assert self.superlink is not None
+        return str(self.superlink.info.get("fleet-address", self.address))
 
     def start_link(self) -> Proc:
         db = str(self.work / "superlink" / "state.db") if self.database else None
         self.superlink = start_superlink(self.work, port=self.link_port, certs=self.certs, auth=self.auth,
-                                         database=db, tie_to_parent=True)
-        self.link_port = int(self.address.rsplit(":", 1)[1])
+                                         database=db, tie_to_parent=True, fleet_gateway=self.fleet_gateway)
+        self.link_port = int(self.fleet_address.rsplit(":", 1)[1])
         self.cli_home = write_connection(self.work, self.address, self.certs.ca if self.certs else None)
         if self.proxy and self.byte_counter is None:
             self.byte_counter = ByteCountingProxy("127.0.0.1", self.link_port)

@@ -1,7 +1,11 @@
 """Processes: start ``flower-superlink`` / ``flower-supernode`` (each in its own process group,
 PID file ``<work>/pids/<name>.pid``, log ``<work>/logs/<name>.log``), wait until the SuperLink is
 healthy, find the descendants Flower starts in their own sessions, and stop exactly those
-processes (``stop_proc``, ``kill_proc``, ``stop_all``), never anything found by name."""
+processes (``stop_proc``, ``kill_proc``, ``stop_all``), never anything found by name.
+
+A SuperLink on a non-loopback address is started on 127.0.0.1 behind a Fleet gateway
+(:mod:`floral_flwr.deploy.gateway`) on the public address: only the Fleet API is reachable from
+the network; the Control API (register keys, submit runs) stays on the SuperLink host."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 from floral_flwr.deploy.certificates import Certs, _ssl_context
 from floral_flwr.deploy.settings import (DeployError, _env, check_insecure, check_node_config, format_node_config,
-                                         split_address)
+                                         is_loopback, split_address)
 from floral_flwr.launch import _bin, free_port
 
 
@@ -33,6 +37,7 @@ class Proc:
     pidfile: Path
     log: Path
     info: dict[str, Any] = field(default_factory=dict)
+    companions: list["Proc"] = field(default_factory=list)  # stopped with it (the Fleet gateway)
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -49,7 +54,7 @@ def _pid_is_ours(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return "flower-superlink" in cmd or "flower-supernode" in cmd
+    return "flower-superlink" in cmd or "flower-supernode" in cmd or "floral_flwr.deploy.gateway" in cmd
 
 
 # Execs the real command after asking the kernel to SIGTERM it when its parent dies
@@ -142,6 +147,8 @@ def stop_proc(proc: Proc, grace: float = 10.0, sig: int = signal.SIGTERM) -> Non
     Only a process we started (``popen``) or, from a PID file, a still-running Flower process
     that leads its own process group is signalled; anything else (a stale or recycled PID) is
     left alone and only the PID file is removed."""
+    for companion in proc.companions:
+        stop_proc(companion, grace, sig)
     if proc.popen is not None:
         ours = proc.popen.poll() is None
     else:
@@ -216,7 +223,8 @@ def wait_healthy(host: str, port: int, timeout: float, proc: Proc | None = None,
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():
             tail = proc.log.read_text(errors="replace")[-1500:] if proc.log.exists() else ""
-            raise DeployError(f"SuperLink exited (code {proc.returncode()}) before becoming healthy:\n{tail}")
+            what = "SuperLink" if proc.name == "superlink" else proc.name
+            raise DeployError(f"{what} exited (code {proc.returncode()}) before becoming healthy:\n{tail}")
         try:
             with urllib.request.urlopen(f"{scheme}://{host}:{port}/health", timeout=2, context=ctx) as r:
                 if r.status == 200:
@@ -237,16 +245,26 @@ def start_superlink(
     allow_insecure_remote: bool = False,
     health_timeout: float = 90.0,
     tie_to_parent: bool = False,
+    fleet_gateway: bool | None = None,
 ) -> Proc:
-    """Start ``flower-superlink`` (own FLWR_HOME under ``work``) and wait until it is healthy."""
+    """Start ``flower-superlink`` (own FLWR_HOME under ``work``) and wait until it is healthy.
+
+    ``fleet_gateway`` (default: when ``host`` is not loopback): the SuperLink listens on
+    127.0.0.1 only and a Fleet gateway on ``host:port`` forwards only the Fleet API
+    (``info["fleet-address"]`` is where SuperNodes connect, ``info["address"]`` the loopback
+    address of the Control API for the ``flwr`` CLI on this host)."""
     work = Path(work)
     port = port or free_port()
+    gateway = not is_loopback(host) if fleet_gateway is None else fleet_gateway  # 0.0.0.0 too
+    public_host, public_port = host, port
+    if gateway:
+        host, port = "127.0.0.1", free_port()
     cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if certs is None:
         if auth:
             raise DeployError("--auth (SuperNode authentication) needs TLS: pass --certs DIR")
-        check_insecure(host, allow_insecure_remote, "SuperLink")
+        check_insecure(public_host, allow_insecure_remote, "SuperLink")
         cmd.append("--insecure")
     else:
         certs.check()
@@ -260,9 +278,33 @@ def start_superlink(
     home.mkdir(parents=True, exist_ok=True)
     dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     proc = _spawn(work, "superlink", cmd, _env(home),
-                  {"address": f"{dial}:{port}", "tls": certs is not None, "auth": auth}, tie_to_parent)
+                  {"address": f"{dial}:{port}", "fleet-address": f"{dial}:{port}", "tls": certs is not None,
+                   "auth": auth}, tie_to_parent)
     wait_healthy(dial, port, health_timeout, proc, certs.ca if certs else None)
+    if gateway:
+        try:
+            proc.companions.append(_start_gateway(work, public_host, public_port, f"{dial}:{port}", certs,
+                                                  health_timeout, tie_to_parent))
+        except BaseException:
+            stop_proc(proc)
+            raise
+        gw_dial = "127.0.0.1" if public_host in ("0.0.0.0", "::", "") else public_host
+        proc.info["fleet-address"] = f"{gw_dial}:{public_port}"
+        proc.info["fleet-gateway"] = True
+        proc.pidfile.write_text(json.dumps({"pid": proc.pid, "cmd": cmd, **proc.info}))
     return proc
+
+
+def _start_gateway(work: Path, host: str, port: int, target: str, certs: Certs | None, timeout: float,
+                   tie_to_parent: bool) -> Proc:
+    """The Fleet gateway in front of the SuperLink (own process group and PID file)."""
+    cmd = [sys.executable, "-m", "floral_flwr.deploy.gateway", "--listen", f"{host}:{port}", "--target", target]
+    if certs is not None:
+        cmd += ["--certs", str(certs.root)]
+    gw = _spawn(work, "fleet-gateway", cmd, _env(), {"address": f"{host}:{port}", "target": target}, tie_to_parent)
+    dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    wait_healthy(dial, port, timeout, gw, certs.ca if certs else None)
+    return gw
 
 
 def start_supernode(

@@ -99,6 +99,11 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
     if dp is not None and not Path(str(dp)).exists():
         raise DeployError(f"node config 'data-path' = '{dp}' does not exist on this machine")
     sd = node_config.get("state-dir")
+    if not sd:
+        # without one the node's private state (its mixture) would live where the server says, or
+        # be lost on every restart: each SuperNode keeps it in a directory of its own
+        raise DeployError("node config needs a 'state-dir' (--state-dir DIR): the directory where this "
+                          "SuperNode keeps its private state; the server cannot choose it")
     if sd:
         # same probe as floral_flwr.client.state_store.check_writable (no torch import here)
         try:

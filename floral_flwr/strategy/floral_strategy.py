@@ -12,6 +12,11 @@ round delegates to a short module of its own:
 - :mod:`.optimizer_state`: the server optimizer's moments for the checkpoint, and the dtype pin;
 - :mod:`.round_stats`: the per-round bookkeeping the results recorder reads;
 - :mod:`.optimizers`: composition with Flower's server optimizers and ``build_strategy``.
+
+A run stops loudly (:class:`~floral_flwr.rundir.RunFailed`, one message naming the round and the
+first cause) when a round accepts no reply, and a global state with NaN/Inf is never adopted
+(:class:`~floral_flwr.rundir.NonFiniteState`). An adaptor (ensemble/IFCA model) slice that no
+accepted reply used this round is not moved by the server optimizer, and its moments are kept.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from floral_flwr.strategy.aggregate import FloralAccumulator
+from floral_flwr.rundir import NonFiniteState, RunFailed
+from floral_flwr.strategy.bounds import ExampleCaps
 from floral_flwr.strategy.evaluation import collect_eval_rows, summarize_round
 from floral_flwr.strategy.nodes import ClientDirectory, sample_nodes, wait_for_nodes
-from floral_flwr.strategy.optimizer_state import DtypePin, load_optimizer_state, optimizer_state
+from floral_flwr.strategy.optimizer_state import (DtypePin, hold_unused_slices, load_optimizer_state,
+                                                  non_finite_keys, optimizer_state, snapshot_moments)
+from floral_flwr.strategy.robust import make_accumulator
 from floral_flwr.strategy.replies import fold_train_replies, record_nbytes, report_unanswered
 from floral_flwr.strategy.round_stats import RoundStats
 from floral_flwr.wire import from_array, to_array
@@ -116,11 +124,21 @@ class FloralStrategy(FedAvg):
         # run config aggregation = "sum-only": replies carry n_k*base_k and w_k(c)*adaptor_c^k
         self.sum_only = bool(getattr(self, "sum_only", False))
         self.clients = ClientDirectory()
+        self.robust, self.clip_norm, self.trim_fraction = "none", 0.0, 0.2
+        self._first_cause = ""
         self._keep_dtypes = DtypePin()
         self._template: dict[str, np.ndarray] | None = None
         self.stats: RoundStats = RoundStats(0)
         self.total_failures = 0
         self.total_rejected = 0
+
+    def set_robustness(self, robust: str = "none", clip_norm: float = 0.0, trim_fraction: float = 0.2,
+                       caps: ExampleCaps | None = None) -> None:
+        """The robust aggregation mode (:mod:`.robust`) and the server's caps on reply weights
+        (:mod:`.bounds`); call before the first round."""
+        self.robust, self.clip_norm, self.trim_fraction = robust, float(clip_norm), float(trim_fraction)
+        if caps is not None:
+            self.clients.caps = caps
 
     # ------------------------------------------------------------------ the loop
 
@@ -160,18 +178,33 @@ class FloralStrategy(FedAvg):
 
     def _train_round(self, rnd: int, arrays: ArrayRecord, grid: Grid, train_config: ConfigRecord | None,
                      timeout: float, result: Result) -> ArrayRecord:
-        """Configure, send, aggregate; the new global state (the old one if nothing was valid)."""
+        """Configure, send, aggregate; the new global state. Raises RunFailed when no reply was
+        accepted and NonFiniteState when the new state (after the server optimizer) is not finite."""
         replies = grid.send_and_receive(
             self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid),
             timeout=timeout,
         )
+        moments = snapshot_moments(self)
         new_arrays, train_metrics = self.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            arrays = self._keep_dtypes(new_arrays)
-            result.arrays = arrays
+        if new_arrays is None:
+            raise RunFailed(self._nothing_accepted(rnd))
+        new_arrays = hold_unused_slices(self, moments, arrays, new_arrays, self.stats.adaptor_totals)
+        bad = non_finite_keys(new_arrays)
+        if bad:
+            raise NonFiniteState(f"round {rnd}: the new global state has NaN/Inf in {bad[:5]}: not adopted "
+                                 f"(the checkpoint of round {rnd - 1} is kept)")
+        arrays = self._keep_dtypes(new_arrays)
+        result.arrays = arrays
         if train_metrics is not None:
             result.train_metrics_clientapp[rnd] = train_metrics
         return arrays
+
+    def _nothing_accepted(self, rnd: int) -> str:
+        s = self.stats
+        cause = self._first_cause or "no sampled node replied"
+        return (f"round {rnd} accepted no reply ({s.sampled} sampled, {s.failures} failed, {s.rejected} "
+                f"rejected); first cause: {cause}. Nothing was trained this round, so the run stops; "
+                f"the checkpoint of round {rnd - 1} is kept: fix the cause, then resume=true")
 
     def _evaluate_round(self, rnd: int, arrays: ArrayRecord, grid: Grid, evaluate_config: ConfigRecord | None,
                         timeout: float, result: Result) -> None:
@@ -216,13 +249,16 @@ class FloralStrategy(FedAvg):
         """Validate each reply, then fold the good ones into the p(k|c) accumulator."""
         assert self._template is not None, "configure_train must run before aggregate_train"
         t_start = time.perf_counter()
-        acc = FloralAccumulator(self._template, self.num_adaptors)
+        acc = make_accumulator(self._template, self.num_adaptors, self.robust, self.clip_norm, self.trim_fraction)
         sampled = set(getattr(self, "_awaiting", ()))
         folded = fold_train_replies(
             replies, acc, server_round=server_round, arrayrecord_key=self.arrayrecord_key,
             template=self._template, num_adaptors=self.num_adaptors,
             client_sizes=self.clients.client_sizes, presummed=self.sum_only,
+            client_ids=self.clients.client_ids,
         )
+        self._first_cause = (f"node {folded.errors[0][0]} failed: {folded.errors[0][1]}" if folded.errors
+                             else folded.first_rejection and f"rejected {folded.first_rejection}")
         missing = report_unanswered(server_round, folded, sampled)
         self._awaiting = set()
         self._count_train_replies(acc.num_replies, len(folded.errors) + missing, folded.rejected)
@@ -233,7 +269,11 @@ class FloralStrategy(FedAvg):
             return None, None
         self.stats.train_loss = float(np.average(folded.losses, weights=folded.weights))
         self.stats.adaptor_totals = acc.adaptor_totals.tolist()
-        out = ArrayRecord({k: to_array(v) for k, v in acc.result().items()})
+        aggregate = acc.result()
+        bad = non_finite_keys(aggregate)
+        if bad:  # cannot come from finite inputs; checked before Flower's optimizers step on it
+            raise NonFiniteState(f"round {server_round}: the aggregate has NaN/Inf in {bad[:5]}: not adopted")
+        out = ArrayRecord({k: to_array(v) for k, v in aggregate.items()})
         metrics = MetricRecord({"train-loss": self.stats.train_loss, "num-replies": acc.num_replies})
         self.stats.seconds_aggregate = time.perf_counter() - t_start
         return out, metrics

@@ -175,3 +175,13 @@ def clear_cache() -> None:
         images.clear_cache()
     except ImportError:  # pragma: no cover
         pass
+
+
+def partition_sizes(name: str, num_clients: int, seed: int = 0) -> Optional[list[int]]:
+    """Every client's train size, computed from the task itself, or None when the server cannot
+    know it (image tasks: their data are on the clients). The server bounds each reply's weight
+    with it (:mod:`floral_flwr.strategy.bounds`) instead of trusting the client's count."""
+    if name in IMAGE_NAMES or name not in TASK_NAMES:
+        return None
+    task = get_task(name, num_clients=num_clients, seed=seed)  # embedded: the clients' own split
+    return [task.client_data(cid).num_train for cid in range(num_clients)]
