@@ -434,6 +434,12 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
             f"run config 'method' = {cfg.method!r} cannot be combined with 'server-optimizer' = "
             f"{cfg.server_optimizer!r}: {why}"
         )
+    if cfg.robust != "none" and cfg.aggregation not in ("mean", "sum-only"):
+        raise ConfigError(
+            f"run config 'robust' = {cfg.robust!r} applies to 'aggregation' = 'mean' or 'sum-only', not "
+            f"{cfg.aggregation!r}: under secure aggregation each client's influence is bounded by the "
+            f"clipping range inside the masked vector (docs/security.md)"
+        )
     if cfg.robust in PER_CLIENT_ROBUST and cfg.aggregation != "mean":
         raise ConfigError(
             f"run config 'robust' = {cfg.robust!r} cannot be combined with 'aggregation' = "

@@ -168,7 +168,8 @@ def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: 
     start_round = 1
     arrays = initial
     if cfg.resume:
-        done, arrays, opt_state, _ = recorder.load_checkpoint()
+        done, arrays, opt_state, meta = recorder.load_checkpoint()
+        recorder.final = dict(meta.get("final") or {})
         if set(arrays) != set(initial) or any(arrays[k].shape != initial[k].shape for k in initial):
             raise ConfigError(
                 f"run config 'resume' = true but the checkpoint in '{run_dir}' does not match this "
@@ -194,9 +195,15 @@ def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: 
     rounds_log: list[dict[str, Any]] = []
 
     def on_round_end(rnd: int, new_arrays: ArrayRecord, strat: FloralStrategy) -> None:
-        rounds_log.append(recorder.record_round(strat.stats, num_adaptors))
+        try:  # rows first: a round whose checkpoint is missing is redone and its rows replaced
+            rounds_log.append(recorder.record_round(strat.stats, num_adaptors))
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"could not write the results of round {rnd} in '{run_dir}' ({exc.strerror or exc}); the "
+                f"checkpoint of round {rnd - 1} is intact: free space and resume with resume=true") from exc
         state = {k: a.numpy() for k, a in new_arrays.items()}
-        recorder.save_checkpoint(rnd, state, strat.optimizer_state(), {"seed": cfg.seed})
+        # the latest evaluation summary rides along: a resume after the last round keeps it
+        recorder.save_checkpoint(rnd, state, strat.optimizer_state(), {"seed": cfg.seed, "final": recorder.final})
 
     if start_round > cfg.num_server_rounds:
         print(f"[floral] nothing to do: checkpoint is at round {start_round - 1}", flush=True)

@@ -11,6 +11,8 @@ in ``deploy/README.md``). The package, by responsibility:
 - ``connection``    the ``flwr`` CLI connection file and calls: register, submit, status, log, stop
 - ``deployment``    ``Deployment``: a throw-away loopback deployment for tests and benchmarks
 - ``proxy``         ``ByteCountingProxy``: counts the bytes between SuperNodes and the SuperLink
+- ``gateway``       ``FleetGateway``: the only part of a SuperLink facing the network (Fleet API
+                    calls only; the Control API stays on 127.0.0.1)
 - ``cli``           the command line (``main``); ``__main__`` runs it
 
 The names below are re-exported so ``from floral_flwr.deploy import X`` keeps working; the

@@ -27,6 +27,9 @@ Security notes
 --------------
 - Insecure mode (no TLS) is refused for non-loopback addresses unless
   ``--allow-insecure-remote`` is given, and even then a warning is printed.
+- Off loopback only the Fleet API is reachable (a gateway in front of a 127.0.0.1 SuperLink):
+  SuperNode keys are registered and runs submitted on the SuperLink host only.
+- Every SuperNode needs its own ``state-dir``; the server cannot choose where a node writes.
 - Nothing received over the network is unpickled anywhere in this app: Flower carries arrays as
   raw bytes + dtype/shape, client state files are ``.npz`` loaded with ``allow_pickle=False``.
 """

@@ -14,9 +14,8 @@ it, and a reply above its cap is refused:
    deployments where nodes bring their own data, and at most
    :data:`~floral_flwr.strategy.validation.MAX_NUM_EXAMPLES`.
 
-The number of partitions is pinned the same way: the first value reported in discovery (or
-the one the server was told); a node reporting another one, or a client id outside it, is
-refused.
+The number of partitions is pinned once: the value most nodes of the first discovery report; a
+node reporting another one, or a client id outside it, is refused.
 """
 
 from __future__ import annotations
@@ -48,6 +47,11 @@ class ExampleCaps:
         self.sizes: list[int] | None = None  # the server's own partition sizes, when known
         self.first_seen: dict[int, float] = {}  # client id -> first declared train size
         self._warned: set[int] = set()
+
+    def admit_partitions(self, num_partitions: int) -> None:
+        """Pin the number of partitions (the majority of the first discovery, see
+        :class:`~floral_flwr.strategy.nodes.ClientDirectory`); a different later value is refused."""
+        self._pin_partitions(num_partitions)
 
     def _pin_partitions(self, num_partitions: int) -> None:
         if self.num_partitions is None:

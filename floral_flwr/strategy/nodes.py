@@ -86,6 +86,7 @@ class ClientDirectory:
             for n in unknown
         ]
         errors = []
+        checked: list[tuple[int, dict]] = []
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -95,13 +96,32 @@ class ClientDirectory:
             try:
                 if "metrics" not in reply.content.metric_records:
                     raise InvalidReply("no MetricRecord 'metrics'")
-                self._learn(node, check_discovery(reply.content.metric_records["metrics"]), set(nodes))
+                checked.append((node, check_discovery(reply.content.metric_records["metrics"])))
             except (InvalidReply, KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "Node %d sent a malformed discovery reply (%s): ignored", node, exc)
                 errors.append(f"node {node}: malformed discovery reply ({exc})")
+        self._pin_partitions(checked)
+        for node, info in sorted(checked):
+            try:
+                self._learn(node, info, set(nodes))
+            except InvalidReply as exc:
+                log(WARNING, "Node %d sent a discovery reply the server refuses (%s): ignored", node, exc)
+                errors.append(f"node {node}: {exc}")
         if errors and not self.client_ids:
             # no node can run the task: stop before training instead of running empty rounds
             raise ClientSetupError(f"all {len(errors)} node(s) failed to set up the task; first error: {errors[0]}")
+
+    def _pin_partitions(self, checked: list[tuple[int, dict]]) -> None:
+        """The federation's number of partitions: the value most nodes of the first discovery
+        report (one node claiming another count cannot set it for everyone)."""
+        if self.caps.num_partitions is not None:
+            return
+        counts: dict[int, int] = {}
+        for _, info in checked:
+            if "num-partitions" in info:
+                counts[int(info["num-partitions"])] = counts.get(int(info["num-partitions"]), 0) + 1
+        if counts:
+            self.caps.admit_partitions(max(counts, key=lambda v: (counts[v], -v)))
 
     def _serving(self, cid: int, connected: set[int], besides: int) -> int | None:
         """The connected, current node serving client ``cid`` (other than ``besides``)."""
