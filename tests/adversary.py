@@ -72,6 +72,7 @@ def honest_round(run: dict[str, Any] | None = None, robust: str = "none", clip_n
     initial = ArrayRecord({k: to_array(v.detach().numpy()) for k, v in handle.shared_state_dict().items()})
     strategy = FloralStrategy()
     strategy.set_floral_options(num_adaptors=handle.num_adaptors, metric=task_info(cfg.task).metric, seed=0)
+    strategy.sum_only = cfg.aggregation == "sum-only"
     if hasattr(strategy, "set_robustness"):  # (absent before the robustness work: the 'before' column)
         from floral_flwr.server import example_caps
 
@@ -330,6 +331,7 @@ def with_discovery(rnd: Round, hook: Callable[[int, Message], Message] | None, r
     grid = InlineGrid(make_client_app(run), len(rnd.grid.contexts), run_config=run, reply_hook=hook)
     strategy = FloralStrategy()
     strategy.set_floral_options(num_adaptors=rnd.strategy.num_adaptors, metric=rnd.strategy.metric, seed=0)
+    strategy.sum_only = cfg.aggregation == "sum-only"
     if hasattr(strategy, "set_robustness"):
         from floral_flwr.server import example_caps
 

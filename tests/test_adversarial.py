@@ -98,6 +98,24 @@ def test_robust_modes_bound_what_one_accepted_client_can_do(honest, robust):
     assert A._distance(plain, honest_agg) > 1e3 * step  # what the same reply does under 'none'
 
 
+def test_clip_bounds_a_boosted_client_under_sum_only_too():
+    """Sum-only replies are n_k x_k: a client can scale its whole reply. The caps still bound
+    n_k, and clip bounds n_k (x_k - g) to n_k tau, so the same reply is harmless there."""
+    run = {"aggregation": "sum-only"}
+    base = A.honest_round(run)
+    original = next(r for r in base.replies if r.metadata.src_node_id == base.attacker)
+    evil = A.rebuilt(original, {k: (1e4 * v if v.dtype.kind == "f" else v) for k, v in A._arrays(original).items()})
+    replies = [evil if r is original else r for r in base.replies]
+    initial = {k: np.array(a.numpy(), dtype=np.float64) for k, a in base.initial.items()}
+    honest_agg, _ = A.aggregate(base, base.replies)
+    step = A._distance(honest_agg, initial)
+    plain, stats = A.aggregate(base, replies)
+    assert stats.received == A.NUM_CLIENTS and A._distance(plain, honest_agg) > 1e2 * step
+    clipped_rnd = A.with_discovery(base, None, run=run, robust="clip")
+    clipped, stats = A.aggregate(clipped_rnd, replies)
+    assert stats.received == A.NUM_CLIENTS and A._distance(clipped, honest_agg) < step
+
+
 # ------------------------------------------------------------------ whole runs
 
 

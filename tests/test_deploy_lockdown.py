@@ -181,3 +181,34 @@ def test_the_simulation_run_directory_is_accepted(tmp_path):
             assert "mixture.logits" in z.files
     finally:
         run.release()
+
+
+@pytest.mark.slow
+def test_a_run_through_the_fleet_gateway_with_tls_and_auth(tmp_path):
+    """SuperNodes reach the SuperLink only through the gateway (TLS with the SuperLink's own
+    certificate, SuperNode authentication headers passed through); the run completes, and the
+    Control API is refused on the public address while it works on the SuperLink host."""
+    import ssl
+    from pathlib import Path
+
+    from floral_flwr.deploy import Deployment
+
+    root = Path(__file__).resolve().parents[1]
+    certs = deploy.make_certs(tmp_path / "certs", num_nodes=2)
+    out = tmp_path / "out"
+    d = Deployment(tmp_path / "w", num_supernodes=2, num_partitions=2, certs=certs, auth=True,
+                   fleet_gateway=True, max_wait_time=60)
+    with d:
+        assert d.fleet_address != d.address
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(f"https://{d.fleet_address}/v1/control/list-runs",
+                                                          data=b""), timeout=30, context=ctx)
+        assert err.value.code == 403
+        cfg = (f"task='synthetic-linear' num-server-rounds=1 eval-every=1 output-dir='{out}' run-name='gw' "
+               f"min-available-nodes=2 node-wait-timeout=120.0 reply-timeout=120.0")
+        run_id = d.submit(root, cfg)  # the flwr CLI talks to the loopback Control API
+        status, details = d.wait(run_id, 420)
+        gateway = d.superlink.companions[0]
+    assert status == "finished:completed", (status, details, d.run_log(run_id)[-3000:])
+    assert "fleet gateway on" in gateway.log.read_text()
