@@ -455,8 +455,13 @@ def check_keys(given: Mapping[str, Any]) -> None:
 
 def _check_task_name(task: Any, names: tuple[str, ...]) -> str:
     if not isinstance(task, str) or task not in names:
-        raise _err("task", task, "a task name (python -m floral_flwr list tasks)", _hint(task, names))
+        raise _task_error(task, names)
     return task
+
+
+def _task_error(task: Any, names: tuple[str, ...]) -> ConfigError:
+    return _err("task", task, "one of " + ", ".join(repr(n) for n in names)
+                + " (python -m floral_flwr list tasks)", _hint(task, names))
 
 
 def precheck_run_config(given: Mapping[str, Any]) -> None:
@@ -469,10 +474,8 @@ def precheck_run_config(given: Mapping[str, Any]) -> None:
         if key == "task":
             if isinstance(value, str) and value in TASKS:
                 continue
-            near = nearest(value, TASKS)
-            if near is not None or not isinstance(value, str):  # a typo of a known task
-                raise _err("task", value, "a task name (python -m floral_flwr list tasks)",
-                           _hint(value, TASKS))
+            if nearest(value, TASKS) is not None or not isinstance(value, str):  # a typo
+                raise _task_error(value, TASKS)
             continue  # a task newer than TASKS: the full check asks floral_flwr.tasks
         READERS[key](key, value)
 

@@ -55,7 +55,9 @@ OFFLINE_ENV = {
 MARK_ENV = "FLORAL_LAUNCH_ID"
 # lines Flower prints about sizing the default federation: launch sizes it with --num-supernodes
 _FLOWER_SIZE_HINTS = ("default simulated SuperNodes changed", "To change federation size",
-                      "flwr federation simulation-config")
+                      "flwr federation simulation-config",
+                      # Ray's actors saying goodbye after the run's summary
+                      "Manually terminating ClientAppActor")
 _STOPPED = re.compile(r"^\[[^\]\s]+\] stopped before round 1: ")
 _RUN_DIR = re.compile(r"run directory: (\S.*)$")
 
@@ -244,7 +246,7 @@ def launch(
         children.append(link)
         wait_healthy(port, 90, link)
         _say(f"SuperLink (pid {link.pid}) ready on 127.0.0.1:{port} after {_fmt(time.monotonic() - t0)}; "
-             f"source {revision or 'not a git checkout'}")
+             f"source {revision[:12] + ('-dirty' if revision.endswith('-dirty') else '') if revision else 'not a git checkout'}")
         (work / "cli" / "config.toml").write_text(
             f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
         )
