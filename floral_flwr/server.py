@@ -80,16 +80,16 @@ def check_simulated_federation(grid: Grid, cfg: RunConfig, task_clusters: int | 
             cfg.task, need, f"this federation has {have} simulated SuperNode{'s' * (have != 1)}"))
 
 
-def _after_engine_start(timeout: float = 15.0) -> None:
+def _after_engine_start(timeout: float = 15.0, no_ray_after: float = 3.0) -> None:
     """Wait (bounded) until the simulation engine has started Ray, so that a message printed
     next is not followed by Ray's start-up warnings: the user reads it last."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    while (waited := time.monotonic() - start) < timeout:
         ray = sys.modules.get("ray")
-        if ray is None and time.monotonic() > deadline - timeout + 3.0:
+        if ray is None and waited > no_ray_after:
             return  # this engine does not use Ray
         if ray is not None and getattr(ray, "is_initialized", lambda: False)():
-            time.sleep(0.5)
+            time.sleep(0.5)  # its warnings are printed as it finishes starting
             return
         time.sleep(0.2)
 
