@@ -255,7 +255,7 @@ def _plot(stats, tasks, methods, metric_of, path: Path) -> None:
         ax.set_ylabel(met)
         if met == "mse" and any(v > 0 for v in mus):
             ax.set_yscale("log")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # leave room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
