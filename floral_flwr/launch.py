@@ -320,8 +320,8 @@ def launch(
         n = stop_marked(mark, children)
         hint = ""
         if run_dir:
-            hint = (f"; partial results and the last checkpoint are in {run_dir} (continue with "
-                    f"--run-config \"run-name='{Path(run_dir).name}' resume=true\")")
+            hint = (f"; partial results and the last checkpoint are in {run_dir} (to continue, add "
+                    f"run-name='{Path(run_dir).name}' resume=true to --run-config)")
         _say(f"stopped {n} process(es) in {time.monotonic() - t_stop:.1f} s{hint}")
     finally:
         _ignore_signals()
