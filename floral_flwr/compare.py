@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                     cfg["num-server-rounds"] = rounds
                 try:  # every config is checked before the first run starts
                     cfg["eval-every"] = args.eval_every or parse_run_config(cfg).num_server_rounds
-                    resolved = check_run_config(cfg, K).to_dict()
+                    resolved = check_run_config(cfg, K, fix="give --clients at least that many").to_dict()
                 except ConfigError as exc:
                     print(f"[compare] error: {t}/{m}: {exc}", file=sys.stderr)
                     return 2

@@ -565,9 +565,10 @@ def min_clients(task_clusters: int | None) -> int:
     return max(1, int(task_clusters or 1))
 
 
-def check_task_and_clients(cfg: RunConfig, num_clients: int | None) -> int | None:
+def check_task_and_clients(cfg: RunConfig, num_clients: int | None, fix: str | None = None) -> int | None:
     """What needs the task (imports torch): the method against the task's clusters, and the
-    number of clients against the clusters. Returns the task's number of clusters."""
+    number of clients against the clusters (``fix`` says how to ask for more in the caller's
+    terms). Returns the task's number of clusters."""
     from floral_flwr.methods import check_method_task
     from floral_flwr.tasks import task_info
 
@@ -578,25 +579,25 @@ def check_task_and_clients(cfg: RunConfig, num_clients: int | None) -> int | Non
         raise ConfigError(str(exc)) from exc
     need = min_clients(info.num_clusters)
     if num_clients is not None and num_clients < need:
-        raise ConfigError(too_few_clients(cfg.task, need, f"{num_clients} clients were asked for"))
+        raise ConfigError(too_few_clients(cfg.task, need, f"{num_clients} clients were asked for", fix))
     return info.num_clusters
 
 
-def too_few_clients(task: str, need: int, have: str) -> str:
+def too_few_clients(task: str, need: int, have: str, fix: str | None = None) -> str:
     """The one line that names the fix when a federation is smaller than the task."""
-    return (
-        f"task '{task}' needs at least {need} clients (one per cluster), but {have}: run "
-        f"`python -m floral_flwr.launch` (20 clients) or "
-        f"`flwr run . --stream --federation-config \"num-supernodes=20\"`"
-    )
+    fix = fix or ("run `python -m floral_flwr.launch` (20 clients) or "
+                  "`flwr run . --stream --federation-config \"num-supernodes=20\"`")
+    return f"task '{task}' needs at least {need} clients (one per cluster), but {have}: {fix}"
 
 
-def check_run_config(given: Mapping[str, Any], num_clients: int | None = None) -> RunConfig:
+def check_run_config(given: Mapping[str, Any], num_clients: int | None = None,
+                     fix: str | None = None) -> RunConfig:
     """Everything a front end checks before it starts a process: the fast pre-check first (a
-    typo answers at once), then the full parse and the task/clients check."""
+    typo answers at once), then the full parse and the task/clients check (``fix``: how the
+    caller's user asks for more clients, for the error line)."""
     precheck_run_config(given)
     cfg = parse_run_config(given)
-    check_task_and_clients(cfg, num_clients)
+    check_task_and_clients(cfg, num_clients, fix)
     return cfg
 
 

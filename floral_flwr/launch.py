@@ -359,17 +359,39 @@ def _on_signal(signum: int, _frame: object) -> None:
 
 
 def validate(run_config: str, num_supernodes: int) -> str | None:
-    """The run config checked here, before anything starts; the error line or None."""
+    """The run config checked here, before anything starts; the error line or None.
+
+    The fast check (keys, names, explicit values) runs in this process; the full one (the
+    task's presets, the task against the number of SuperNodes) imports torch, so it runs in a
+    short-lived child: this process then stays small for the whole run and exits at once."""
     try:
         given = parse_cli_run_config(run_config)
-        precheck_run_config(given)  # keys, names, types: no torch, well under a second
-        cfg = check_run_config(given, num_supernodes)  # presets, task vs number of clients
+        precheck_run_config(given)  # no torch, well under a second
     except ConfigError as exc:
         return str(exc)
+    code = "import sys; from floral_flwr.launch import full_check; sys.exit(full_check(sys.argv[1], int(sys.argv[2])))"
+    res = subprocess.run([sys.executable, "-c", code, run_config, str(num_supernodes)],
+                         capture_output=True, text=True)
+    if res.returncode == 0:
+        return None
+    lines = res.stdout.strip().splitlines() or res.stderr.strip().splitlines() or ["the full check failed"]
+    return lines[-1]
+
+
+def full_check(run_config: str, num_supernodes: int) -> int:
+    """The checks that need the task (run by :func:`validate` in a child process): prints the
+    error line and returns 2, or returns 0."""
+    try:
+        cfg = check_run_config(parse_cli_run_config(run_config), num_supernodes,
+                               fix="give --num-supernodes at least that many (20 is the default)")
+    except ConfigError as exc:
+        print(exc)
+        return 2
     if cfg.min_available_nodes > num_supernodes:
-        return (f"run config 'min-available-nodes' = {cfg.min_available_nodes} is more than "
-                f"--num-supernodes {num_supernodes}: the run would wait for nodes that never come")
-    return None
+        print(f"run config 'min-available-nodes' = {cfg.min_available_nodes} is more than "
+              f"--num-supernodes {num_supernodes}: the run would wait for nodes that never come")
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
