@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from floral_flwr.client.training import train_local  # noqa: E402
+from floral_flwr.methods.training import train_local  # noqa: E402
 from floral_flwr.config import parse_run_config  # noqa: E402
 from floral_flwr.methods import build_handle  # noqa: E402
 from floral_flwr.tasks import get_task  # noqa: E402

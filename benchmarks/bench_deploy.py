@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from floral_flwr.deploy import Deployment  # noqa: E402
+from floral_flwr.deploy.deployment import Deployment  # noqa: E402
 
 
 def _cfg(out: Path, name: str, rounds: int, extra: str) -> str:

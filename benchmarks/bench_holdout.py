@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from floral_flwr.client.training import evaluate_local
+from floral_flwr.methods.training import evaluate_local
 from floral_flwr.config import parse_run_config
 from floral_flwr.holdout import holdout_clients
 from floral_flwr.inline import run_inline

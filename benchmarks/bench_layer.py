@@ -31,26 +31,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from floral_flwr.floral import Floral  # noqa: E402
 from floral_flwr.floral.adaptors import split_kernel  # noqa: E402
-
-
-class Cifar10CNN(nn.Module):
-    """conv5x5(3->32)+MP2, conv3x3(32->64)+MP3, FC 1024->64->10 on 32x32 input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 5)
-        self.conv2 = nn.Conv2d(32, 64, 3)
-        self.fc1 = nn.Linear(1024, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)   # 28 -> 14
-        x = F.max_pool2d(F.relu(self.conv2(x)), 3)   # 12 -> 4
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+from floral_flwr.tasks.models import MLP, Cifar10CNN  # noqa: E402
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 10))
+    return MLP(784, 200, 10)
 
 
 # ------------------------------------------------------------------ naive (official-style) loop

@@ -89,7 +89,7 @@ def list_keys() -> str:
 
 def version_text() -> str:
     from floral_flwr import __version__
-    from floral_flwr.results import PACKAGE_DIR, git_revision, source_hash
+    from floral_flwr.provenance import PACKAGE_DIR, git_revision, source_hash
 
     return (f"floral-flwr {__version__}\ngit revision: {git_revision(PACKAGE_DIR.parent) or '- (not a git checkout)'}\n"
             f"source sha256: {source_hash()}  (config.json 'source-sha256' of a run of this code)")

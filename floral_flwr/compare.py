@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun", action="store_true", help="run again even runs that finished with the same config")
     args = ap.parse_args(argv)
 
-    from floral_flwr.config import ConfigError, check_run_config, parse_run_config, precheck_run_config
+    from floral_flwr.config import ConfigError, parse_run_config, precheck_run_config
+    from floral_flwr.preflight import check_run_config
 
     tasks = [t for s in args.tasks for t in s.split(",") if t]
     methods = [m for s in args.methods for m in s.split(",") if m]
@@ -308,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out / "runs"
     jobs = []
     for t in tasks:
-        K = args.clients or int(task_defaults(t).get("num-clients", 20))
+        # the data directory may hold a prepared subset with its own K (mnist-5k: 20)
+        data_dir = str(extra.get("data-dir") or "") or None
+        K = args.clients or int(task_defaults(t, data_dir=data_dir).get("num-clients", 20))
         rounds = args.rounds or (quick_rounds(t) if args.quick else None)
         for m in methods:
             for s in range(args.seeds):

@@ -1,3 +1,4 @@
+# size: every run-config key with its validation in one place (the single source the validator, the README and `list keys` read).
 """The run config: every key, its default, its type and what is allowed, validated once.
 
 Flower hands the ServerApp and ClientApp a flat ``run_config`` dict (``[tool.flwr.app.config]``
@@ -9,11 +10,10 @@ for the keys; a test checks that pyproject.toml declares exactly these keys with
 Keys whose default is ``"auto"`` take the task's preset (the paper's hyper-parameters for that
 task, see ``floral_flwr.tasks``); any explicit value overrides the preset.
 
-Front ends (``launch``, ``compare``, ``deploy``) call :func:`check_run_config` before they start
-anything: :func:`precheck_run_config` needs no torch and no flwr (keys, names, types and ranges
-of the values given, in well under a second), then the full check resolves the task's presets
-and compares the task with the number of clients. Every error is one line naming the key, the
-value, the allowed values and the nearest valid spelling (``difflib``).
+:func:`precheck_run_config` needs no torch and no flwr (keys, names, types and ranges of the
+values given, in well under a second): front ends run it first (``floral_flwr.preflight``).
+Every error is one line naming the key, the value, the allowed values and the nearest valid
+spelling (``difflib``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -31,7 +29,7 @@ from typing import Any, Callable, Mapping
 # validating a config never imports torch or flwr.
 METHODS = (
     "floral", "floral-oracle", "fedavg", "local-adaptor",
-    # baselines (floral_flwr/baselines)
+    # the baselines (each a peer module of floral_flwr/methods; tests check this list against its registry)
     "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa",
 )
 # (method, server-optimizer) pairs that cannot work together; checked before round 1.
@@ -57,8 +55,9 @@ TASKS = (
     "synthetic-linear", "synthetic-linear-simple", "synthetic-linear-bn",
     "synthetic-mlp", "synthetic-mlp-simple", "synthetic-mlp-bn",
     "digits-rotate", "digits-label-shift", "digits-rotate-reduced", "digits-label-shift-reduced",
-    *(n for b in ("mnist-rotate", "mnist-label-shift", "cifar10-rotate", "cifar10-label-shift",
-                  "cifar100", "cifar100-bn", "cifar100-gn") for n in (b, b + "-reduced")),
+    *(n for b in ("mnist-rotate", "mnist-label-shift", "fmnist-rotate", "fmnist-label-shift",
+                  "cifar10-rotate", "cifar10-label-shift", "cifar100", "cifar100-bn", "cifar100-gn")
+      for n in (b, b + "-reduced")),
 )
 
 # key -> default. Order = order in README and pyproject.toml.
@@ -554,91 +553,6 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
             f"a number with prob-floor * num-adaptors <= 1 (num-adaptors = {cfg.num_adaptors})",
         )
     return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# front ends: the same checks before anything starts
-
-
-def min_clients(task_clusters: int | None) -> int:
-    """The fewest clients a task can be split into: one per true cluster."""
-    return max(1, int(task_clusters or 1))
-
-
-def check_task_and_clients(cfg: RunConfig, num_clients: int | None, fix: str | None = None) -> int | None:
-    """What needs the task (imports torch): the method against the task's clusters, and the
-    number of clients against the clusters (``fix`` says how to ask for more in the caller's
-    terms). Returns the task's number of clusters."""
-    from floral_flwr.methods import check_method_task
-    from floral_flwr.tasks import task_info
-
-    try:
-        info = task_info(cfg.task, seed=cfg.seed)
-        check_method_task(cfg, info.num_clusters)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    need = min_clients(info.num_clusters)
-    if num_clients is not None and num_clients < need:
-        raise ConfigError(too_few_clients(cfg.task, need, f"{num_clients} clients were asked for", fix))
-    return info.num_clusters
-
-
-def too_few_clients(task: str, need: int, have: str, fix: str | None = None) -> str:
-    """The one line that names the fix when a federation is smaller than the task."""
-    fix = fix or ("run `python -m floral_flwr.launch` (20 clients) or "
-                  "`flwr run . --stream --federation-config \"num-supernodes=20\"`")
-    return f"task '{task}' needs at least {need} clients (one per cluster), but {have}: {fix}"
-
-
-def check_run_config(given: Mapping[str, Any], num_clients: int | None = None,
-                     fix: str | None = None) -> RunConfig:
-    """Everything a front end checks before it starts a process: the fast pre-check first (a
-    typo answers at once), then the full parse and the task/clients check (``fix``: how the
-    caller's user asks for more clients, for the error line)."""
-    precheck_run_config(given)
-    cfg = parse_run_config(given)
-    check_task_and_clients(cfg, num_clients, fix)
-    return cfg
-
-
-_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
-
-
-def parse_cli_run_config(text: str) -> dict[str, Any]:
-    """``--run-config`` text to a dict, as ``flwr run`` reads it: space-separated ``key=value``
-    pairs whose values are TOML (strings quoted), or the path of one ``.toml`` file."""
-    text = (text or "").strip()
-    if not text:
-        return {}
-    if text.endswith(".toml") and "=" not in text:
-        with open(os.path.expanduser(text), "rb") as f:
-            return _flatten(tomllib.load(f))
-    pairs = _PAIR.findall(text)
-    leftover = _PAIR.sub("", text).strip()
-    if leftover or not pairs:
-        raise ConfigError(
-            f"--run-config {text!r}: cannot read {leftover or text!r}; expected space-separated "
-            f"key=value pairs, strings in quotes, e.g. \"method='fedavg' seed=1\""
-        )
-    out: dict[str, Any] = {}
-    for key, raw in pairs:
-        try:
-            out.update(tomllib.loads(f"{key} = {raw}"))
-        except tomllib.TOMLDecodeError:
-            hint = " (strings need quotes: key='text')" if raw[:1] not in "'\"" else ""
-            raise ConfigError(f"--run-config: cannot read {key}={raw}{hint}") from None
-    return _flatten(out)
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        name = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, name))
-        else:
-            out[name] = v
-    return out
 
 
 def resolve_output_dir(cfg: RunConfig) -> str:

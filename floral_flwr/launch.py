@@ -1,3 +1,4 @@
+# size: the launch sequence reads top to bottom: validate, start, stream, decide, stop everything it started.
 """Run the app with ``flwr run`` on a private, throw-away simulation SuperLink.
 
 ``python -m floral_flwr.launch [--num-supernodes 20] [--run-config "k=v ..."]`` does what a
@@ -42,7 +43,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from floral_flwr.config import ConfigError, check_run_config, parse_cli_run_config, precheck_run_config
+from floral_flwr.config import ConfigError, precheck_run_config
+from floral_flwr.preflight import check_run_config, parse_cli_run_config
 
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -215,7 +217,7 @@ def launch(
 ) -> int:
     """Run the app once on a private simulation SuperLink; returns the process exit code.
     The run config is assumed valid (``main`` checks it first)."""
-    from floral_flwr.results import SOURCE_REVISION_ENV, git_revision
+    from floral_flwr.provenance import SOURCE_REVISION_ENV, git_revision
 
     t0 = time.monotonic()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -25,11 +25,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from floral_flwr.config import (METHODS, ConfigError, RunConfig, min_clients, parse_run_config,
-                                resolve_output_dir, too_few_clients)
+from floral_flwr.config import METHODS, ConfigError, RunConfig, parse_run_config, resolve_output_dir
 from floral_flwr.methods import build_handle, check_method_task
-from floral_flwr.results import RunRecorder, provenance, provenance_line
-from floral_flwr.strategy.floral_strategy import ClientSetupError, FloralStrategy, build_strategy
+from floral_flwr.preflight import min_clients, too_few_clients
+from floral_flwr.provenance import provenance, provenance_line
+from floral_flwr.results import RunRecorder
+from floral_flwr.strategy.floral_strategy import FloralStrategy
+from floral_flwr.strategy.nodes import ClientSetupError
+from floral_flwr.strategy.optimizers import build_strategy
 from floral_flwr.wire import to_array
 
 logger = logging.getLogger("floral_flwr")

@@ -1,4 +1,4 @@
-"""Baselines (floral_flwr/baselines): aggregation rules against hand-worked numbers, IFCA's choice,
+"""Baselines (floral_flwr/methods/*): aggregation rules against hand-worked numbers, IFCA's choice,
 Ditto's personal evaluation, fixed oracle mixtures, FedEM's EM step, bad input before training."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from floral_flwr.client.training import evaluate_local
+from floral_flwr.methods.training import evaluate_local
 from floral_flwr.config import ConfigError, parse_run_config
 from floral_flwr.methods import METHOD_SPECS, build_handle, check_method_task
 from floral_flwr.strategy.aggregate import FloralAccumulator

@@ -172,7 +172,8 @@ def test_precheck_needs_neither_torch_nor_flwr():
     import subprocess
     import sys
 
-    code = ("import sys; from floral_flwr.config import ConfigError, parse_cli_run_config, precheck_run_config\n"
+    code = ("import sys; from floral_flwr.config import ConfigError, precheck_run_config\n"
+            "from floral_flwr.preflight import parse_cli_run_config\n"
             "try:\n    precheck_run_config(parse_cli_run_config(\"num-adaptor=4 method='floral'\"))\n"
             "except ConfigError as e:\n    print(e)\n"
             "print(sorted(m for m in ('torch', 'flwr', 'numpy') if m in sys.modules))")
@@ -204,20 +205,20 @@ def test_precheck_checks_explicit_values_and_leaves_presets_to_the_full_parse():
 def test_cli_run_config_is_read_as_flwr_reads_it(text):
     from flwr.common.config import parse_config_args
 
-    from floral_flwr.config import parse_cli_run_config
+    from floral_flwr.preflight import parse_cli_run_config
 
     assert parse_cli_run_config(text) == parse_config_args([text])
 
 
 def test_unreadable_cli_run_config_is_one_clear_line():
-    from floral_flwr.config import parse_cli_run_config
+    from floral_flwr.preflight import parse_cli_run_config
 
     with pytest.raises(ConfigError, match="strings need quotes"):
         parse_cli_run_config("method=fedavg")
 
 
 def test_check_run_config_compares_the_task_with_the_number_of_clients():
-    from floral_flwr.config import check_run_config
+    from floral_flwr.preflight import check_run_config
 
     check_run_config({"task": "digits-label-shift"}, 4)
     with pytest.raises(ConfigError) as info:

@@ -14,6 +14,9 @@ import pytest
 
 from floral_flwr import deploy
 from floral_flwr.deploy import DeployError
+from floral_flwr.deploy.cli import _parse_node_config
+from floral_flwr.deploy.processes import _is_zombie, _spawn
+from floral_flwr.deploy.settings import _env
 from floral_flwr.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +62,7 @@ def test_node_config_errors_name_the_setting(tmp_path):
 def test_node_config_is_formatted_as_toml():
     text = deploy.format_node_config({"partition-id": 0, "state-dir": "/a b/c", "flag": True})
     assert text == 'partition-id=0 state-dir="/a b/c" flag=true'
-    assert deploy._parse_node_config(text) == {"partition-id": 0, "state-dir": "/a b/c", "flag": True}
+    assert _parse_node_config(text) == {"partition-id": 0, "state-dir": "/a b/c", "flag": True}
 
 
 def test_certs_have_loopback_sans_and_node_keys(tmp_path):
@@ -81,7 +84,7 @@ def test_stop_kills_the_group_and_detached_descendants_by_pid(tmp_path):
     # a parent that starts a child in a *new session*, as flower-* start flower-superexec
     code = ("import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(300)'],"
             "start_new_session=True); time.sleep(300)")
-    proc = deploy._spawn(tmp_path, "dummy", [sys.executable, "-c", code], deploy._env(), {})
+    proc = _spawn(tmp_path, "dummy", [sys.executable, "-c", code], _env(), {})
     deadline = time.monotonic() + 20
     while not deploy.descendants(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -89,7 +92,7 @@ def test_stop_kills_the_group_and_detached_descendants_by_pid(tmp_path):
     assert len(kids) == 1 and proc.pidfile.exists()
     deploy.stop_proc(proc, grace=5)
     assert proc.popen.poll() is not None and not proc.pidfile.exists()
-    assert not Path(f"/proc/{kids[0]}").exists() or deploy._is_zombie(kids[0])
+    assert not Path(f"/proc/{kids[0]}").exists() or _is_zombie(kids[0])
 
 
 def test_stop_all_ignores_stale_or_foreign_pid_files(tmp_path):
@@ -152,9 +155,10 @@ def test_a_throw_away_deployment_dies_with_its_parent(tmp_path):
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from floral_flwr import deploy\n"
-        "p = deploy._spawn(Path(sys.argv[1]), 'x', [sys.executable, '-c', 'import time; time.sleep(300)'],"
-        " deploy._env(), {}, tie_to_parent=True)\n"
+        "from floral_flwr.deploy.processes import _spawn\n"
+        "from floral_flwr.deploy.settings import _env\n"
+        "p = _spawn(Path(sys.argv[1]), 'x', [sys.executable, '-c', 'import time; time.sleep(300)'],"
+        " _env(), {}, tie_to_parent=True)\n"
         "print(p.pid, flush=True)\n"
         "time.sleep(300)\n"
     )
@@ -167,6 +171,6 @@ def test_a_throw_away_deployment_dies_with_its_parent(tmp_path):
         parent.kill()  # SIGKILL: no cleanup code runs in the parent
         parent.wait()
     deadline = time.monotonic() + 15
-    while Path(f"/proc/{child}").exists() and not deploy._is_zombie(child) and time.monotonic() < deadline:
+    while Path(f"/proc/{child}").exists() and not _is_zombie(child) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not Path(f"/proc/{child}").exists() or deploy._is_zombie(child)
+    assert not Path(f"/proc/{child}").exists() or _is_zombie(child)

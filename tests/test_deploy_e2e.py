@@ -26,6 +26,7 @@ import pytest
 
 from floral_flwr import deploy
 from floral_flwr.deploy import Deployment
+from floral_flwr.deploy.processes import _is_zombie
 from floral_flwr.results import load_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def _wait_for_round(run_dir: Path, rnd: int, timeout: float) -> None:
 
 
 def _assert_all_gone(pids: list[int]) -> None:
-    left = [p for p in pids if Path(f"/proc/{p}").exists() and not deploy._is_zombie(p)]
+    left = [p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)]
     assert not left, f"processes left behind: {left}"
 
 

@@ -26,7 +26,8 @@ import pytest
 from floral_flwr import launch
 from floral_flwr.config import DEFAULTS, ConfigError
 from floral_flwr.inline import run_inline
-from floral_flwr.results import RunRecorder, source_hash
+from floral_flwr.provenance import source_hash
+from floral_flwr.results import RunRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",

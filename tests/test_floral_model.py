@@ -12,31 +12,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from floral_flwr.floral import Floral, ParameterReport, is_adaptor_key, resolve_rank
+from floral_flwr.tasks.models import MLP, Cifar10CNN as TaskCifar10CNN
 
 torch.set_num_threads(2)
 
 
-class Cifar10CNN(nn.Module):
-    """conv5x5(3->32)+MP2, conv3x3(32->64)+MP3, FC 1024->64->10 (32x32 input)."""
+class Cifar10CNN(TaskCifar10CNN):
+    """The task's CIFAR-10 CNN plus a public method that must stay reachable through Floral."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 5)
-        self.conv2 = nn.Conv2d(32, 64, 3)
-        self.fc1 = nn.Linear(1024, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 3)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-    def features(self, x):  # a public method that must stay reachable through Floral
+    def features(self, x):
         return self.conv1(x)
 
 
 def mnist_nn() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 10))
+    return MLP(784, 200, 10)  # the paper's MnistNN (the task model)
 
 
 class Mixed(nn.Module):
@@ -139,14 +128,14 @@ def test_load_errors_name_the_keys():
     fm = Floral(mnist_nn(), num_adaptors=2, rank=2)
     sd = fm.shared_state_dict()
     missing = dict(sd)
-    del missing["base.1.weight"]
-    with pytest.raises(ValueError, match=r"missing keys \['base.1.weight'\]"):
+    del missing["base.fc1.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \['base.fc1.weight'\]"):
         fm.load_shared_state_dict(missing)
     extra = dict(sd, **{"base.bogus": torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected keys.*base.bogus"):
         fm.load_shared_state_dict(extra)
-    shaped = dict(sd, **{"adaptor.1.in": torch.zeros(3, 2, 784)})
-    with pytest.raises(ValueError, match=r"adaptor.1.in: expected \(2, 2, 784\), got \(3, 2, 784\)"):
+    shaped = dict(sd, **{"adaptor.fc1.in": torch.zeros(3, 2, 784)})
+    with pytest.raises(ValueError, match=r"adaptor.fc1.in: expected \(2, 2, 784\), got \(3, 2, 784\)"):
         fm.load_shared_state_dict(shaped)
     with pytest.raises(ValueError, match="unexpected keys.*mixture.logits"):
         fm.load_shared_state_dict(dict(sd, **fm.private_state_dict()))
@@ -225,13 +214,13 @@ def test_noise_only_in_training_and_once_per_forward():
     torch.manual_seed(0)
     fm = Floral(mnist_nn(), num_adaptors=3, rank=3, mixture_noise=2.0, linear_compute="fold")
     randomize(fm, scale=1.0)
-    seen = _record_weights(fm, ["1", "3"])
+    seen = _record_weights(fm, ["fc1", "fc2"])
     x = torch.randn(2, 1, 28, 28)
     fm.train()
     fm(x)
     fm(x)
-    p1a, p3a = _effective_p(fm, "1", seen["1"][0]), _effective_p(fm, "3", seen["3"][0])
-    p1b = _effective_p(fm, "1", seen["1"][1])
+    p1a, p3a = _effective_p(fm, "fc1", seen["fc1"][0]), _effective_p(fm, "fc2", seen["fc2"][0])
+    p1b = _effective_p(fm, "fc1", seen["fc1"][1])
     torch.testing.assert_close(p1a, p3a, atol=1e-4, rtol=0)  # same p in both layers
     assert (p1a - p1b).abs().max() > 1e-3  # fresh noise each forward
     clean = torch.softmax(fm.mixture.logits.detach(), -1)
@@ -241,7 +230,7 @@ def test_noise_only_in_training_and_once_per_forward():
     assert 0 < spread.max() - spread.min() < 2.0 + 1e-3
     fm.eval()
     fm(x)
-    torch.testing.assert_close(_effective_p(fm, "1", seen["1"][2]), clean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_effective_p(fm, "fc1", seen["fc1"][2]), clean, atol=1e-4, rtol=0)
     torch.testing.assert_close(fm.probs(), clean)
 
 
@@ -249,13 +238,13 @@ def test_per_layer_mixture_rows():
     torch.manual_seed(0)
     fm = Floral(mnist_nn(), num_adaptors=3, rank=3, per_layer_mixture=True, linear_compute="fold")
     randomize(fm, scale=1.0)
-    assert fm.mixture.logits.shape == (2, 3) and fm.layer_names == ["1", "3"]
-    seen = _record_weights(fm, ["1", "3"])
+    assert fm.mixture.logits.shape == (2, 3) and fm.layer_names == ["fc1", "fc2"]
+    seen = _record_weights(fm, ["fc1", "fc2"])
     fm.eval()
     fm(torch.randn(2, 1, 28, 28))
     p = torch.softmax(fm.mixture.logits.detach(), -1)
-    torch.testing.assert_close(_effective_p(fm, "1", seen["1"][0]), p[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(_effective_p(fm, "3", seen["3"][0]), p[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(_effective_p(fm, "fc1", seen["fc1"][0]), p[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(_effective_p(fm, "fc2", seen["fc2"][0]), p[1], atol=1e-4, rtol=0)
 
 
 def test_prob_floor_temperature_and_entropy():

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from floral_flwr.client.state_store import StateDir
 from floral_flwr.fileio import save_npz
 from floral_flwr.strategy.aggregate import scale_for_sum
-from floral_flwr.client.training import evaluate_local, seed_for, seed_torch
+from floral_flwr.methods.training import evaluate_local, seed_for, seed_torch
 from floral_flwr.config import RunConfig, parse_run_config
 from floral_flwr.holdout import holdout_clients
 from floral_flwr.methods import METHOD_SPECS, ModelHandle, build_handle, check_method_task

@@ -1,3 +1,4 @@
+# size: one adaptor class per layer kind (linear, conv, norm, embedding) with their shared bank layout; splitting would scatter one contract.
 """Adaptor banks (C adaptors per layer, stacked on a leading dim) and their weight folds.
 
 Every adaptor kind computes ``delta_weight(p)`` and ``delta_bias(p)`` such that the adapted layer

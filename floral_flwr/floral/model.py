@@ -1,3 +1,4 @@
+# size: the Floral wrapper is one class (wrap, state split, mixture, merge); its parts share private caches.
 """``Floral``: wrap any ``nn.Module`` with C mixture-weighted adaptors per layer.
 
 See ``docs/contracts.md`` section 1 for the public API. The layers of the wrapped model are

@@ -1,4 +1,4 @@
-"""Local training and evaluation loops (plain PyTorch; no Flower types).
+"""Local training and evaluation loops (plain PyTorch; no Flower types; imports no method).
 
 Data are in-memory tensors (``ClientData``), so batches are index slices of one shuffled
 permutation per epoch: no DataLoader workers or collation per step, which dominates the cost of
@@ -12,12 +12,21 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
 
-from floral_flwr.methods import ModelHandle
+
+class ModelHandle(Protocol):
+    """What the loops need of a method's handle (:class:`floral_flwr.methods.base.ModelHandle`
+    satisfies it); a protocol here so that this module imports no method."""
+
+    module: nn.Module
+
+    def param_groups(self, lr: float, mixture_lr: float) -> list[dict[str, Any]]: ...
+
+    def regularization_loss(self) -> torch.Tensor | float: ...
 
 
 @dataclass
@@ -184,3 +193,29 @@ def evaluate_local(
         loss_sum += float(loss_fn(out_l, yb)) * int(yb.shape[0])
         metric_sum += _metric_sum(metric, out, yb)
     return loss_sum / max(n, 1), metric_sum / max(n, 1), n
+
+
+def sgd_steps(handle: ModelHandle, groups: list[dict[str, Any]], x: torch.Tensor, y: torch.Tensor,
+              loss_fn: nn.Module, steps: int, batch_size: int, seed: int,
+              device: torch.device | str = "cpu") -> int:
+    """``steps`` plain SGD steps on ``groups`` over shuffled mini-batches of (x, y)."""
+    model = handle.module
+    model.train()
+    opt = torch.optim.SGD(groups, lr=groups[0]["lr"])
+    gen = torch.Generator().manual_seed(int(seed) + 7)
+    n = int(y.shape[0])
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            if done >= steps:
+                break
+            idx = perm[start:start + batch_size]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            out = model(xb)
+            out = out.reshape(yb.shape) if out.shape != yb.shape and out.numel() == yb.numel() else out
+            (loss_fn(out, yb) + handle.regularization_loss()).backward()
+            opt.step()
+            done += 1
+    return done

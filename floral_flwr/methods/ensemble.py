@@ -8,7 +8,8 @@ the same p(k|c) rule as FLoRAL's adaptors: w_k(c) = n_k p_k(c). ``ensemble-oracl
 one-hot at the client's true cluster (logits frozen), i.e. clustered FedAvg with known clusters.
 
 Cost: C x the model's parameters, compute and communication (FLoRAL's point of comparison).
-Private state: ``mixture.logits`` (C,). Holdout clients fit only the C logits.
+- Federated: the C models (model c weighted by n_k p_k(c)).
+- Private: ``mixture.logits`` (C,). Holdout clients fit only the C logits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 
 from floral_flwr.floral.mixture import Mixture
 
-from .common import MultiModel, MultiModelHandle, as_list
+from floral_flwr.methods.base import MethodSpec, register
+from floral_flwr.methods.multimodel import MultiModel, MultiModelHandle, as_list
 
 SKIP_BELOW = 1e-3
 
@@ -85,3 +87,24 @@ class EnsembleHandle(MultiModelHandle):
     def mixture(self) -> list[float] | None:
         with torch.no_grad():
             return as_list(self.module.mixture(noise=False))
+
+
+register(MethodSpec(
+    "ensemble",
+    "C full models mixed at the output with a learned private mixture, aggregated "
+    "with p(k|c) (the FLoRAL paper's 'Ensemble' baseline)",
+    uses_adaptors=False,
+    build=lambda cfg, build_model: EnsembleHandle.build(cfg, build_model, oracle=False),
+    federated="the C models (model c weighted by n_k p_k(c))",
+    private="the mixture logits",
+))
+register(MethodSpec(
+    "ensemble-oracle",
+    "Ensemble with the mixture fixed one-hot at the true cluster (oracle clustered "
+    "FedAvg; the paper's 'Ensemble, optimal router')",
+    uses_adaptors=False,
+    needs_clusters=True,
+    build=lambda cfg, build_model: EnsembleHandle.build(cfg, build_model, oracle=True),
+    federated="the C models (model c weighted by n_k 1[c = cluster_k])",
+    private="the (fixed, one-hot) mixture",
+))

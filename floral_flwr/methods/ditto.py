@@ -28,10 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from floral_flwr.client.training import LossTracker, minibatches, proximal_term
-from floral_flwr.methods import ModelHandle
-
-from .common import fit_output
+from floral_flwr.methods.base import MethodSpec, ModelHandle, register
+from floral_flwr.methods.multimodel import fit_output
+from floral_flwr.methods.training import LossTracker, minibatches, proximal_term
 
 
 class DittoModel(nn.Module):
@@ -139,3 +138,14 @@ class DittoHandle(ModelHandle):
             opt_g.step()
             tracker.add(lg, int(yb.shape[0]))
         return tracker.result(n)
+
+
+register(MethodSpec(
+    "ditto",
+    "Ditto (Li et al., ICML 2021, arXiv 2012.04221): FedAvg global model + private "
+    "personal model with a proximal term; evaluates the personal model",
+    uses_adaptors=False,
+    build=DittoHandle.build,
+    federated="the global model (weights n_k)",
+    private="the personal model",
+))

@@ -37,9 +37,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from floral_flwr.client.training import train_local
 from floral_flwr.floral import Floral
-from floral_flwr.methods import ModelHandle, floral_kwargs, sgd_steps
+from floral_flwr.methods.base import MethodSpec, ModelHandle, register
+from floral_flwr.methods.floral import floral_kwargs
+from floral_flwr.methods.training import sgd_steps, train_local
 
 LOCAL_WEIGHT = 0.5  # a, FedDPA-T's local_weight
 NUM_REFS = 5
@@ -224,3 +225,14 @@ class FedDPAHandle(ModelHandle):
             for h in hooks:
                 h.remove()
         return done
+
+
+register(MethodSpec(
+    "feddpa",
+    "FedDPA (Yang et al., NeurIPS 2024, arXiv 2403.19211): global + local low-rank "
+    "adaptor, instance-wise dynamic weighting at inference",
+    uses_adaptors=True,
+    build=FedDPAHandle.build,
+    federated="base and the global adaptor (weights n_k)",
+    private="the local adaptor",
+))

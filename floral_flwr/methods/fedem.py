@@ -33,9 +33,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from floral_flwr.client.training import LossTracker, minibatches, proximal_term
+from floral_flwr.methods.base import MethodSpec, register
+from floral_flwr.methods.training import LossTracker, minibatches, proximal_term
 
-from .common import MultiModel, MultiModelHandle, as_list, per_sample_loss
+from floral_flwr.methods.multimodel import MultiModel, MultiModelHandle, as_list, per_sample_loss
 
 PI_FLOOR = 1e-8
 
@@ -120,3 +121,14 @@ class FedEMHandle(MultiModelHandle):
         for _ in range(steps):
             self.e_step(x, y, loss_fn, device)
         return steps
+
+
+register(MethodSpec(
+    "fedem",
+    "FedEM (Marfoq et al., NeurIPS 2021, arXiv 2108.10252): mixture of M components "
+    "with private EM mixture weights",
+    uses_adaptors=False,
+    build=FedEMHandle.build,
+    federated="the M components (per-component FedEM weights)",
+    private="the EM mixture weights pi_k",
+))

@@ -7,6 +7,9 @@ steps (mini-batches of ``batch-size``, learning rate ``lr``, all layers) and tes
 budget follows FedEM's ``--locally_tune_clients``: a few steps, all layers). The tuned copy is
 ephemeral: the next message overwrites it with the global model, nothing goes back to the server.
 Holdout clients: zero-shot = the global model, adapted = the fine-tuned copy.
+
+- Federated: the whole model, weighted by n_k (plain FedAvg).
+- Private: nothing kept between rounds (the fine-tuned copy is rebuilt at every evaluation).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from floral_flwr.methods import ModelHandle, sgd_steps
+from floral_flwr.methods.base import MethodSpec, ModelHandle, register
+from floral_flwr.methods.training import sgd_steps
 
 
 class FedAvgFTHandle(ModelHandle):
@@ -33,3 +37,14 @@ class FedAvgFTHandle(ModelHandle):
             return 0
         return sgd_steps(self, self.adapt_groups(cfg.lr, 0.0), x, y, loss_fn, steps, cfg.batch_size,
                          cfg.seed, device)
+
+
+register(MethodSpec(
+    "fedavg-ft",
+    "FedAvg + local fine-tuning before evaluation (McMahan et al. 2017; Wang et al. "
+    "2019, arXiv 1910.10252; Yu et al. 2020, arXiv 2002.04758)",
+    uses_adaptors=False,
+    build=lambda cfg, build_model: FedAvgFTHandle(build_model()),
+    federated="the whole model (weights n_k)",
+    private="nothing kept: the fine-tuned copy is ephemeral",
+))

@@ -1,4 +1,5 @@
-"""Shared pieces of the baselines: C full models as one stacked shared state, per-sample losses."""
+"""Shared pieces of the multi-model methods (ensemble, IFCA, FedEM): C full models as one stacked
+shared state, per-sample losses."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from floral_flwr.methods import ModelHandle
+from floral_flwr.methods.base import ModelHandle
 
 MODEL_PREFIX = "adaptor.model."  # leading dim C: the FLoRAL accumulator weights slice c by w_k(c)
 

@@ -26,7 +26,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .common import MultiModel, MultiModelHandle
+from floral_flwr.methods.base import MethodSpec, register
+from floral_flwr.methods.multimodel import MultiModel, MultiModelHandle
+from floral_flwr.methods.training import train_local
 
 
 class IFCAModel(MultiModel):
@@ -65,8 +67,6 @@ class IFCAHandle(MultiModelHandle):
         return j
 
     def train_round(self, x, y, loss_fn, **kw):  # type: ignore[override]
-        from floral_flwr.client.training import train_local
-
         self.choose(x, y, loss_fn, kw.get("device", "cpu"))
         return train_local(self, x, y, loss_fn, **kw)
 
@@ -93,3 +93,14 @@ class IFCAHandle(MultiModelHandle):
     def adapt(self, x, y, loss_fn, cfg, device="cpu", steps=None) -> int:  # type: ignore[override]
         self.choose(x, y, loss_fn, device)
         return 0
+
+
+register(MethodSpec(
+    "ifca",
+    "IFCA (Ghosh et al., NeurIPS 2020, arXiv 2006.04088): C models, each client "
+    "trains the one with the lowest train loss; per-cluster mean",
+    uses_adaptors=False,
+    build=IFCAHandle.build,
+    federated="the C models (model j: mean of the replies that chose j, weights n_k)",
+    private="the last cluster choice (ifca.cluster); the choice itself is visible in the weights",
+))

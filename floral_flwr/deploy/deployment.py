@@ -1,0 +1,124 @@
+"""``Deployment``: a throw-away loopback deployment (SuperLink + SuperNodes, optionally TLS,
+SuperNode authentication and a byte-counting proxy) for tests, benchmarks and ``deploy local``,
+stopped on exit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from floral_flwr.deploy.certificates import Certs
+from floral_flwr.deploy.connection import fetch_log, register_supernode, submit, wait_run, write_connection
+from floral_flwr.deploy.processes import Proc, start_superlink, start_supernode, stop_proc
+from floral_flwr.deploy.proxy import ByteCountingProxy
+
+
+@dataclass
+class Deployment:
+    """A throw-away loopback deployment: SuperLink + SuperNodes, stopped on exit.
+
+    >>> with Deployment(work, num_supernodes=2) as d:
+    ...     run_id = d.submit(app_dir, "num-server-rounds=2")
+    ...     status, _ = d.wait(run_id, timeout=600)
+    """
+
+    work: Path
+    num_supernodes: int = 2
+    num_partitions: int | None = None  # default: num_supernodes (node i hosts partition i)
+    certs: Certs | None = None
+    auth: bool = False
+    state_root: Path | None = None
+    node_extra: dict[int, dict[str, Any]] = field(default_factory=dict)
+    max_wait_time: float | None = 120.0
+    link_port: int | None = None
+    proxy: bool = False  # count bytes between SuperNodes and SuperLink through a TCP proxy
+    # keep the SuperLink's state (registered nodes, runs) in <work>/superlink/state.db: a restarted
+    # SuperLink then still knows its SuperNodes, which reconnect; with the default in-memory state
+    # they are refused (401) and exit, and must be restarted too
+    database: bool = False
+    superlink: Proc | None = None
+    nodes: dict[int, Proc] = field(default_factory=dict)
+    byte_counter: "ByteCountingProxy | None" = None
+    cli_home: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.work = Path(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def address(self) -> str:
+        assert self.superlink is not None
+        return str(self.superlink.info["address"])
+
+    @property
+    def fleet_address(self) -> str:
+        if self.byte_counter is not None:
+            return f"127.0.0.1:{self.byte_counter.port}"
+        return self.address
+
+    def start_link(self) -> Proc:
+        db = str(self.work / "superlink" / "state.db") if self.database else None
+        self.superlink = start_superlink(self.work, port=self.link_port, certs=self.certs, auth=self.auth,
+                                         database=db, tie_to_parent=True)
+        self.link_port = int(self.address.rsplit(":", 1)[1])
+        self.cli_home = write_connection(self.work, self.address, self.certs.ca if self.certs else None)
+        if self.proxy and self.byte_counter is None:
+            self.byte_counter = ByteCountingProxy("127.0.0.1", self.link_port)
+        return self.superlink
+
+    def node_config(self, i: int) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"partition-id": i, "num-partitions": self.num_partitions or self.num_supernodes}
+        if self.state_root is not None:
+            cfg["state-dir"] = str(self.state_root / f"node-{i}")
+        cfg.update(self.node_extra.get(i, {}))
+        return cfg
+
+    def start_node(self, i: int) -> Proc:
+        key = self.certs.node_key(i) if (self.certs and self.auth) else None
+        if key is not None and self.cli_home is not None:
+            register_supernode(self.cli_home, self.certs.node_pub(i))  # type: ignore[union-attr]
+        proc = start_supernode(self.work, i, self.fleet_address, self.node_config(i), certs=self.certs,
+                               auth_key=key, max_wait_time=self.max_wait_time, tie_to_parent=True)
+        self.nodes[i] = proc
+        return proc
+
+    def __enter__(self) -> "Deployment":
+        try:
+            self.start_link()
+            for i in range(self.num_supernodes):
+                self.start_node(i)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def submit(self, app_dir: str | Path, run_config: str = "") -> str:
+        assert self.cli_home is not None
+        return submit(app_dir, self.cli_home, run_config)
+
+    def wait(self, run_id: str, timeout: float, on_poll: Any = None) -> tuple[str, str]:
+        assert self.cli_home is not None
+        status = wait_run(self.cli_home, run_id, timeout, on_poll=on_poll)
+        (self.work / "logs" / f"run-{run_id}.log").write_text(fetch_log(self.cli_home, run_id))
+        return status
+
+    def run_log(self, run_id: str) -> str:
+        p = self.work / "logs" / f"run-{run_id}.log"
+        return p.read_text() if p.exists() else ""
+
+    def stop(self) -> None:
+        for proc in list(self.nodes.values()):
+            stop_proc(proc)
+        if self.superlink is not None:
+            stop_proc(self.superlink)
+        if self.byte_counter is not None:
+            self.byte_counter.close()
+            self.byte_counter = None
+
+    def pids(self) -> list[int]:
+        procs = list(self.nodes.values()) + ([self.superlink] if self.superlink else [])
+        return [p.pid for p in procs]

@@ -1,0 +1,312 @@
+"""Processes: start ``flower-superlink`` / ``flower-supernode`` (each in its own process group,
+PID file ``<work>/pids/<name>.pid``, log ``<work>/logs/<name>.log``), wait until the SuperLink is
+healthy, find the descendants Flower starts in their own sessions, and stop exactly those
+processes (``stop_proc``, ``kill_proc``, ``stop_all``), never anything found by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from floral_flwr.deploy.certificates import Certs, _ssl_context
+from floral_flwr.deploy.settings import (DeployError, _env, check_insecure, check_node_config, format_node_config,
+                                         split_address)
+from floral_flwr.launch import _bin, free_port
+
+
+@dataclass
+class Proc:
+    """A process this module started (its own process group), with its PID file and log."""
+
+    name: str
+    popen: subprocess.Popen | None
+    pid: int
+    pidfile: Path
+    log: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return _pid_is_ours(self.pid)
+
+    def returncode(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
+
+
+def _pid_is_ours(pid: int) -> bool:
+    """Only signal a PID that still runs a Flower process (PIDs get recycled)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "flower-superlink" in cmd or "flower-supernode" in cmd
+
+
+# Execs the real command after asking the kernel to SIGTERM it when its parent dies
+# (PR_SET_PDEATHSIG survives execve): a throw-away deployment cannot outlive a killed test run.
+_TIE_TO_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"  # 1 = PR_SET_PDEATHSIG
+    "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"  # the parent died before prctl
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _spawn(work: Path, name: str, cmd: list[str], env: dict[str, str], info: dict[str, Any],
+           tie_to_parent: bool = False) -> Proc:
+    (work / "pids").mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    log = work / "logs" / f"{name}.log"
+    with open(log, "ab") as fh:
+        fh.write(f"\n=== {time.strftime('%H:%M:%S')} {shlex.join(cmd)}\n".encode())
+        fh.flush()
+        run = cmd
+        if tie_to_parent and sys.platform.startswith("linux"):
+            run = [sys.executable, "-c", _TIE_TO_PARENT, str(os.getpid()), *cmd]
+        popen = subprocess.Popen(run, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    pidfile = work / "pids" / f"{name}.pid"
+    pidfile.write_text(json.dumps({"pid": popen.pid, "cmd": cmd, **info}))
+    return Proc(name, popen, popen.pid, pidfile, log, info)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of all living descendants of ``pid`` (from /proc; children first seen, then theirs).
+
+    Flower starts ``flower-superexec`` (and it the ServerApp/ClientApp processes) in a *new
+    session*, so they are not in our process group: they are found here, before anything is
+    signalled (once a parent dies, its children are re-parented and the link is lost)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _signal_pids(pids: Iterable[int], sig: int) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = pids
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if Path(f"/proc/{p}").exists() and not _is_zombie(p)]
+        if left:
+            time.sleep(0.2)
+    return left
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _is_group_leader(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_proc(proc: Proc, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Signal ``proc``'s process group and its descendants (SIGTERM, then SIGKILL after
+    ``grace``); remove its PID file.
+
+    Only a process we started (``popen``) or, from a PID file, a still-running Flower process
+    that leads its own process group is signalled; anything else (a stale or recycled PID) is
+    left alone and only the PID file is removed."""
+    if proc.popen is not None:
+        ours = proc.popen.poll() is None
+    else:
+        ours = _pid_is_ours(proc.pid) and _is_group_leader(proc.pid)
+    if not ours:
+        proc.pidfile.unlink(missing_ok=True)
+        return
+    kids = descendants(proc.pid)  # before signalling: detached children are found via the parent
+    _signal_pids(kids, sig)
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        alive = proc.popen.poll() is None if proc.popen is not None else (
+            Path(f"/proc/{proc.pid}").exists() and not _is_zombie(proc.pid))
+        if not alive:
+            break
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of our own group
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.popen is not None:
+        try:
+            proc.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    left = _wait_gone(kids, grace)
+    _signal_pids(left, signal.SIGKILL)
+    _wait_gone(left, 5.0)
+    proc.pidfile.unlink(missing_ok=True)
+
+
+def kill_proc(proc: Proc) -> None:
+    """Crash a process group abruptly (fault tests): SIGKILL, no clean shutdown."""
+    stop_proc(proc, grace=5.0, sig=signal.SIGKILL)
+
+
+def load_procs(work: Path, names: Iterable[str] | None = None) -> list[Proc]:
+    out = []
+    wanted = set(names) if names else None
+    for pf in sorted((work / "pids").glob("*.pid")) if (work / "pids").is_dir() else []:
+        name = pf.stem
+        if wanted is not None and name not in wanted:
+            continue
+        try:
+            meta = json.loads(pf.read_text())
+            pid = int(meta["pid"])
+        except (ValueError, KeyError, OSError):
+            pf.unlink(missing_ok=True)
+            continue
+        out.append(Proc(name, None, pid, pf, work / "logs" / f"{name}.log", meta))
+    return out
+
+
+def stop_all(work: Path, names: Iterable[str] | None = None) -> list[str]:
+    """Stop the processes recorded under ``work/pids`` (SuperNodes first)."""
+    procs = load_procs(work, names)
+    procs.sort(key=lambda p: p.name == "superlink")
+    for p in procs:
+        stop_proc(p)
+    return [p.name for p in procs]
+
+
+def wait_healthy(host: str, port: int, timeout: float, proc: Proc | None = None, ca: Path | None = None) -> None:
+    scheme = "https" if ca else "http"
+    ctx = _ssl_context(ca)
+    deadline = time.monotonic() + timeout
+    err: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            tail = proc.log.read_text(errors="replace")[-1500:] if proc.log.exists() else ""
+            raise DeployError(f"SuperLink exited (code {proc.returncode()}) before becoming healthy:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"{scheme}://{host}:{port}/health", timeout=2, context=ctx) as r:
+                if r.status == 200:
+                    return
+        except OSError as exc:
+            err = exc
+        time.sleep(0.3)
+    raise DeployError(f"SuperLink on {host}:{port} not healthy after {timeout:g} s ({err})")
+
+
+def start_superlink(
+    work: str | Path,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    certs: Certs | None = None,
+    auth: bool = False,
+    database: str | None = None,
+    allow_insecure_remote: bool = False,
+    health_timeout: float = 90.0,
+    tie_to_parent: bool = False,
+) -> Proc:
+    """Start ``flower-superlink`` (own FLWR_HOME under ``work``) and wait until it is healthy."""
+    work = Path(work)
+    port = port or free_port()
+    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if certs is None:
+        if auth:
+            raise DeployError("--auth (SuperNode authentication) needs TLS: pass --certs DIR")
+        check_insecure(host, allow_insecure_remote, "SuperLink")
+        cmd.append("--insecure")
+    else:
+        certs.check()
+        cmd += ["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.server_cert),
+                "--ssl-keyfile", str(certs.server_key)]
+        if auth:
+            cmd.append("--enable-supernode-auth")
+    if database:
+        cmd += ["--database", database]
+    home = work / "superlink"
+    home.mkdir(parents=True, exist_ok=True)
+    dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    proc = _spawn(work, "superlink", cmd, _env(home),
+                  {"address": f"{dial}:{port}", "tls": certs is not None, "auth": auth}, tie_to_parent)
+    wait_healthy(dial, port, health_timeout, proc, certs.ca if certs else None)
+    return proc
+
+
+def start_supernode(
+    work: str | Path,
+    index: int,
+    superlink: str,
+    node_config: Mapping[str, Any],
+    port: int | None = None,
+    certs: Certs | None = None,
+    ca: Path | None = None,
+    auth_key: Path | None = None,
+    max_wait_time: float | None = 120.0,
+    allow_insecure_remote: bool = False,
+    env_extra: Mapping[str, str] | None = None,
+    tie_to_parent: bool = False,
+) -> Proc:
+    """Start one ``flower-supernode`` with its own FLWR_HOME and runtime ``--port``.
+
+    ``max_wait_time`` bounds how long it retries an unreachable SuperLink before exiting
+    (``None``: forever, Flower's default)."""
+    work = Path(work)
+    check_node_config(node_config)
+    host, _ = split_address(superlink)
+    ca = ca or (certs.ca if certs else None)
+    port = port or free_port()
+    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--node-config", format_node_config(node_config)]
+    if ca is None:
+        check_insecure(host, allow_insecure_remote, f"SuperNode {index}")
+        cmd.append("--insecure")
+    else:
+        if not Path(ca).is_file():
+            raise DeployError(f"--root-certificates '{ca}' does not exist")
+        cmd += ["--root-certificates", str(ca)]
+    if auth_key is not None:
+        if not Path(auth_key).is_file():
+            raise DeployError(f"--auth-key '{auth_key}' does not exist")
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    if max_wait_time is not None:
+        cmd += ["--max-wait-time", str(float(max_wait_time))]
+    home = work / f"supernode-{index}"
+    home.mkdir(parents=True, exist_ok=True)
+    env = _env(home)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(env_extra or {})
+    return _spawn(work, f"supernode-{index}", cmd, env,
+                  {"superlink": superlink, "port": port, "node-config": dict(node_config)}, tie_to_parent)
