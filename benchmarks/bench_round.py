@@ -36,7 +36,9 @@ built its model and data (1 per actor process when the per-process cache hits ac
 ``--synthetic-train N`` (image tasks: ``cifar10-*``, ``cifar100*``, ``mnist-*``) writes N random
 images in the hub schema (``write_fake_dataset``) to a temporary ``data-dir``: the CIFAR-10 CNN /
 VGG-8 shapes without a download. ``--device cuda`` with ``--num-gpus 1/k`` runs k concurrent
-ClientApps on one GPU (samples/s and peak GPU memory per client are then reported).
+ClientApps on one GPU (samples/s and peak GPU memory per client are then reported: ``torch.cuda.max_memory_allocated``
+during one train handler, the peak reset before each; with ``--engine inline`` the clients run
+one after another in this process on one cached model, so it is one client's footprint).
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def timed_client_app(cfg: dict[str, Any]):
                 sgd["cpu"] += time.thread_time() - c
 
         training.train_local = timed_train_local
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # peak of this handler alone: in-process (inline) clients share one process
+            torch.cuda.reset_peak_memory_stats()
         try:
             t0 = time.perf_counter()
             reply = inner(msg, context)
