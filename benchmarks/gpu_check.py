@@ -173,9 +173,39 @@ def _pytest_counts(out: str) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------- parts
 
+# Run in the probe: requirements of the carried wheels (or of flwr, when it was installed already)
+# that what is importable does not meet; reported, not fatal (the image's versions are unknown
+# when the wheels are built).
+REQUIREMENT_CHECK = """
+def mismatches():
+    import os
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    site = os.environ.get('GPU_CHECK_SITE', '')
+    dists = [d for d in metadata.distributions()
+             if (site and str(d.locate_file('')).startswith(site)) or
+                (not site and d.metadata['Name'].lower() in ('flwr', 'flwr-datasets', 'datasets'))]
+    out = []
+    for d in dists:
+        for spec in d.requires or []:
+            req = Requirement(spec)
+            if req.name.lower() in ('ray', 'uv'):  # never carried (build_gpu_wheels.py: SKIP)
+                continue
+            if req.marker is not None and not req.marker.evaluate({'extra': ''}):
+                continue
+            try:
+                have = metadata.version(req.name)
+            except metadata.PackageNotFoundError:
+                have = None
+            if have is None or not req.specifier.contains(have, prereleases=True):
+                out.append(f"{d.metadata['Name']} needs {req}, found {have or 'nothing'}")
+    return sorted(set(out))
+"""
+
+
 def part_env(r: Runner, args: argparse.Namespace) -> Part:
     p = Part("env")
-    code = (
+    code = REQUIREMENT_CHECK + (
         "import json, platform, sys, torch\n"
         "info = {'python': platform.python_version(), 'torch': torch.__version__,\n"
         "        'cuda_available': torch.cuda.is_available(), 'torch_cuda': torch.version.cuda}\n"
@@ -188,6 +218,7 @@ def part_env(r: Runner, args: argparse.Namespace) -> Part:
         "except Exception as e:\n"
         "    info['flwr_error'] = repr(e)\n"
         "import floral_flwr; info['floral_flwr_path'] = floral_flwr.__file__\n"
+        "info['requirement_mismatches'] = mismatches()\n"
         "print('ENV ' + json.dumps(info))\n"
     )
     rc, out = r.run("env", [PY, "-c", code])
@@ -215,10 +246,12 @@ def part_env(r: Runner, args: argparse.Namespace) -> Part:
     if not str(info.get("floral_flwr_path", "")).startswith(str(ROOT)):
         problems.append(f"floral_flwr imported from {info.get('floral_flwr_path')}, not this checkout")
     p.status = "FAIL" if problems else "ok"
+    mism = info.get("requirement_mismatches", [])
     dev = (f"{info.get('device_name')} {info.get('device_mem_gib')} GiB, CUDA {info.get('torch_cuda')}"
            if info.get("cuda_available") else "no CUDA device")
     p.summary = (f"Python {info.get('python')}, torch {info.get('torch')}, flwr {info.get('flwr', '-')}, {dev}"
-                 + (f"; {'; '.join(problems)}" if problems else ""))
+                 + (f"; {'; '.join(problems)}" if problems else "")
+                 + (f"; {len(mism)} requirement(s) not met (see gpu_check.json env)" if mism else ""))
     if rc != 0:
         p.summary += "\n" + _tail(out)
     return p

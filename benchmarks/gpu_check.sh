@@ -73,7 +73,7 @@ if ! "$PYTHON" -c "import flwr" 2>/dev/null; then
         exit 3
     fi
     export PYTHONPATH=$ROOT:$SITE${PYTHONPATH#$ROOT}
-    export PATH=$SITE/bin:$PATH
+    export PATH=$SITE/bin:$PATH GPU_CHECK_SITE=$SITE
     NOTE="${#wheels[@]} wheels from $(basename "$WHEELS") installed in $(( $(date +%s) - t0 )) s"
     echo "[gpu_check] $NOTE"
 fi
