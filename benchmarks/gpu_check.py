@@ -106,7 +106,11 @@ class Runner:
         self.sizes = sizes
         self.deadline = time.monotonic() + args.budget_s
         self.log_path = Path(args.out) / "gpu_check.log"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the parts' temporary files (bench_round's data, pytest's tmp_path) go to the scratch
+        # folder, which the caller removes
+        tmp = Path(args.work) / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)}
 
     def limit(self, part: str) -> float:
         later = PART_ORDER[PART_ORDER.index(part) + 1:]

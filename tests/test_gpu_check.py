@@ -76,7 +76,7 @@ def test_cpu_dry_run_of_the_whole_check(tmp_path):
 def test_part_time_limit_stops_the_process_group(tmp_path):
     """A part that runs past its limit is stopped with its children and reported as timed out;
     later parts keep their reserve."""
-    args = types.SimpleNamespace(out=str(tmp_path), budget_s=60.0)
+    args = types.SimpleNamespace(out=str(tmp_path), work=str(tmp_path / "work"), budget_s=60.0)
     sizes = gpu_check.Sizes(budget_s=60, core=[], inline=[], deploy=[],
                             caps={p: 6.0 if p == "core" else 60.0 for p in gpu_check.PART_ORDER},
                             reserve={p: 1.0 for p in gpu_check.PART_ORDER})
