@@ -1,14 +1,15 @@
 """A loopback deployment whose SuperNodes share one device: FedAvg vs FLoRAL, samples/s and memory.
 
-    python benchmarks/bench_deploy_device.py --device cuda [--nodes 4] [--rounds 4] \\
+    python benchmarks/bench_deploy_device.py --device cuda [--nodes 4] [--partitions N] [--rounds 4] \\
         [--train-per-node 2048] [--batch-size 64] --work /tmp/dep [--json out.json] [--markdown out.md]
 
 For each method (FedAvg, then FLoRAL with C = 4, rho = 0.1) one throw-away deployment runs through
 the deployment CLI only (``python -m floral_flwr.deploy local``: a SuperLink and ``--nodes``
 SuperNodes as plain processes on loopback, no Ray, every process stopped by PID afterwards), on
 the ``cifar10-label-shift`` task (CIFAR-10 CNN) with random images in the hub schema written to a
-local ``data-dir`` (``write_fake_dataset``; no download). Every client trains every round
-(``fraction-train = 1``) for one local epoch; the last round also evaluates every client.
+local ``data-dir`` (``write_fake_dataset``; no download), split into ``--partitions`` clients
+(default ``--nodes``; node i hosts partition i, ``--train-per-node`` rows each). Every node trains
+every round (``fraction-train = 1``) for one local epoch; the last round also evaluates.
 
 Reported per method: the run status; the wall time of the whole deployment; each round's seconds
 (``rounds.csv``); the *warm* round (median of rounds 2 .. R-1: no set-up, no evaluation; with
@@ -127,6 +128,7 @@ def warm_round(secs: list[float]) -> float | None:
 def run_method(args: argparse.Namespace, method: str, data: Path, log) -> dict[str, Any]:
     out = Path(args.work) / "runs"
     cmd = [sys.executable, "-m", "floral_flwr.deploy", "local", "--num-supernodes", str(args.nodes),
+           "--num-partitions", str(args.partitions),
            "--work", str(Path(args.work) / f"deploy-{method}"), "--timeout", str(args.timeout),
            "--run-config", run_config(args, method, out, data)]
     log.write(f"$ {' '.join(cmd)}\n")
@@ -162,6 +164,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--partitions", type=int, default=0, help="clients the data is split into (default: --nodes)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--train-per-node", type=int, default=2048, help="random training images per SuperNode")
     ap.add_argument("--test-per-node", type=int, default=256)
@@ -173,15 +176,18 @@ def main() -> int:
     ap.add_argument("--json", default="")
     ap.add_argument("--markdown", default="")
     args = ap.parse_args()
+    args.partitions = args.partitions or args.nodes
+    if args.partitions < args.nodes:
+        ap.error(f"--partitions {args.partitions} < --nodes {args.nodes}: every node hosts one partition")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from floral_flwr.tasks.sources import write_fake_dataset
 
     data = work / "data"
     t0 = time.monotonic()
-    write_fake_dataset("cifar10", data / "cifar10", num_train=args.nodes * args.train_per_node,
-                       num_test=args.nodes * args.test_per_node)
-    print(f"wrote {args.nodes * args.train_per_node} random CIFAR-10 training images in "
+    write_fake_dataset("cifar10", data / "cifar10", num_train=args.partitions * args.train_per_node,
+                       num_test=args.partitions * args.test_per_node)
+    print(f"wrote {args.partitions * args.train_per_node} random CIFAR-10 training images in "
           f"{time.monotonic() - t0:.1f} s", flush=True)
     results: dict[str, Any] = {}
     with open(work / "deploy.log", "a") as log:
@@ -193,7 +199,8 @@ def main() -> int:
                   flush=True)
     if any(r["status"] != "finished:completed" for r in results.values()):
         print((work / "deploy.log").read_text(errors="replace")[-6000:], flush=True)
-    lines = [f"loopback deployment, {args.nodes} SuperNodes on one {args.device} device, {args.rounds} rounds, "
+    lines = [f"loopback deployment, {args.nodes} SuperNodes (clients 0..{args.nodes - 1} of {args.partitions}) "
+             f"on one {args.device} device, {args.rounds} rounds, "
              f"cifar10-label-shift (CIFAR-10 CNN) on {args.train_per_node} random images per node, batch "
              f"{args.batch_size}, 1 local epoch",
              "", "| method | status | wall s | round s | warm round s | samples/s | GPU MiB per process (max) |",

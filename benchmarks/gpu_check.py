@@ -76,12 +76,16 @@ SIZES = {
     "cpu": Sizes(
         budget_s=870.0,
         core=["--batch", "8", "--steps", "2", "--mlp-steps", "2", "--vgg-steps", "1", "--warmup", "1",
-              "--infer-inner", "1", "--threads", "1", "--C", "2", "8"],
-        inline=["--clients", "4", "--synthetic-train", "128", "--rounds", "3", "--repeats", "1"],
-        deploy=["--nodes", "4", "--rounds", "1", "--train-per-node", "16", "--test-per-node", "8",
-                "--batch-size", "16", "--timeout", "300"],
-        caps={"env": 120, "tests": 300, "core": 120, "inline": 200, "deploy": 700},
-        reserve={"env": 20, "tests": 60, "core": 30, "inline": 60, "deploy": 250},
+              "--infer-inner", "1", "--threads", "1", "--C", "2"],
+        inline=["--clients", "4", "--synthetic-train", "128", "--rounds", "2", "--repeats", "1"],
+        # 2 of the 4 clients as SuperNodes: every deployed message starts a process that imports
+        # torch, the dry run's main cost on 2 cores
+        deploy=["--nodes", "2", "--partitions", "4", "--rounds", "1", "--train-per-node", "16",
+                "--test-per-node", "8", "--batch-size", "16", "--timeout", "300"],
+        # generous caps (a shared 2-core machine can be 5-10x slower than an idle one); the
+        # reserves keep the later parts a chance when an earlier one is slow
+        caps={"env": 200, "tests": 400, "core": 200, "inline": 300, "deploy": 700},
+        reserve={"env": 20, "tests": 60, "core": 30, "inline": 50, "deploy": 150},
     ),
 }
 PART_ORDER = ("env", "tests", "core", "inline", "deploy")
@@ -271,15 +275,14 @@ def part_tests(r: Runner, args: argparse.Namespace) -> Part:
         ok = rc == 0 and c["passed"] > 0 and c["skipped"] == 0
         p.summary = f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped (pytest -m cuda)"
     else:
-        rc, out = r.run("tests", base + ["tests/test_cuda.py", "-m", "not cuda"])
+        # one run: the CPU twins pass, the cuda cases skip (each skip names CUDA, counted by -rs)
+        rc, out = r.run("tests", base + ["tests/test_cuda.py"])
         c = _pytest_counts(out)
-        rc2, out2 = r.run("tests", base + ["tests/test_cuda.py", "-m", "cuda"])
-        c2 = _pytest_counts(out2)
-        ok = rc == 0 and c["passed"] > 0 and rc2 == 0 and c2["passed"] == 0 and c2["skipped"] > 0
-        p.summary = (f"CPU twins: {c['passed']} passed, {c['failed']} failed; cuda cases: {c2['skipped']} "
-                     f"skipped cleanly, {c2['passed'] + c2['failed']} ran")
-        out = out + out2
-        c = {"cpu": c, "cuda_cases": c2}
+        cuda_skips = sum(int(n) for n in re.findall(r"SKIPPED \[(\d+)\] .*CUDA is not available", out))
+        ok = rc == 0 and c["passed"] > 0 and c["failed"] == 0 and c["skipped"] == cuda_skips > 0
+        p.summary = (f"CPU twins: {c['passed']} passed, {c['failed']} failed; cuda cases: {cuda_skips} "
+                     f"skipped cleanly (no CUDA), {c['skipped'] - cuda_skips} skipped otherwise")
+        c = {"cpu": c, "cuda_skipped": cuda_skips}
     p.figures = {"counts": c}
     p.status = "ok" if ok else "FAIL"
     if not ok:
@@ -369,7 +372,7 @@ def part_deploy(r: Runner, args: argparse.Namespace) -> Part:
                      f"(warm round {x.get('warm_round_s') or 0:.2f} s)" + (f", GPU MiB/process {mem:.0f}" if mem else ""))
     ratio = res.get("floral_over_fedavg_samples_per_s")
     nodes = SIZES[args.device].deploy[1]
-    p.summary = f"{nodes} SuperNodes: " + "; ".join(parts) + (f"; FLoRAL/FedAvg {ratio:.2f}x" if ratio else "")
+    p.summary = f"{nodes} SuperNodes sharing the device: " + "; ".join(parts) + (f"; FLoRAL/FedAvg {ratio:.2f}x" if ratio else "")
     p.markdown = md.read_text() if md.exists() else ""
     p.status = "ok" if rc == 0 else "FAIL"
     if rc != 0:
