@@ -65,6 +65,27 @@ METHODS = ("fedavg", "floral")
 # ---------------------------------------------------------------------------- client side
 
 
+def _train_local_sites() -> tuple[Any, list[Any]]:
+    """(the local training loop, every loaded module that calls it through a global name).
+
+    The loop lives in ``floral_flwr.methods.training`` (earlier: ``floral_flwr.client.training``)
+    and method modules import it by name, so timing it means swapping it in each of them."""
+    import importlib
+
+    original = None
+    for name in ("floral_flwr.methods.training", "floral_flwr.client.training"):
+        try:
+            original = importlib.import_module(name).train_local
+            break
+        except (ImportError, AttributeError):
+            continue
+    if original is None:
+        raise ImportError("train_local is in neither floral_flwr.methods.training nor floral_flwr.client.training")
+    sites = [m for n, m in list(sys.modules.items())
+             if n.startswith("floral_flwr") and m is not None and getattr(m, "train_local", None) is original]
+    return original, sites
+
+
 def timed_client_app(cfg: dict[str, Any]):
     """The project's ClientApp, wrapped: train replies carry ``bench-*`` timing metrics."""
     from flwr.app import Context, Message
@@ -79,10 +100,10 @@ def timed_client_app(cfg: dict[str, Any]):
     def train(msg: Message, context: Context) -> Message:
         import torch
 
-        from floral_flwr.client import handlers, training
+        from floral_flwr.client import handlers
 
         sgd = {"s": 0.0, "cpu": 0.0}
-        original = training.train_local
+        original, sites = _train_local_sites()
 
         def timed_train_local(*a: Any, **kw: Any):
             t, c = time.perf_counter(), time.thread_time()
@@ -94,7 +115,8 @@ def timed_client_app(cfg: dict[str, Any]):
                 sgd["s"] += time.perf_counter() - t
                 sgd["cpu"] += time.thread_time() - c
 
-        training.train_local = timed_train_local
+        for site in sites:
+            site.train_local = timed_train_local
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             # peak of this handler alone: in-process (inline) clients share one process
             torch.cuda.reset_peak_memory_stats()
@@ -103,7 +125,8 @@ def timed_client_app(cfg: dict[str, Any]):
             reply = inner(msg, context)
             dt = time.perf_counter() - t0
         finally:
-            training.train_local = original
+            for site in sites:
+                site.train_local = original
         if not reply.has_error():
             setup = next(iter(handlers._SETUPS.values()), None)
             m = reply.content["metrics"]
