@@ -38,6 +38,7 @@ INCOMPATIBLE: dict[tuple[str, str], str] = {
 }
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 CONV_METHODS = ("balanced_2d", "balanced", "in", "out")
+ADAPTOR_INITS = ("zero", "official", "centered")
 DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("off", "bf16")
 AGGREGATIONS = ("mean", "sum-only")
@@ -74,6 +75,8 @@ DEFAULTS: dict[str, Any] = {
     "alpha": 1.0,
     "conv-method": "balanced_2d",
     "adaptive-bias": True,
+    "adaptor-init": "zero",
+    "precondition": False,
     "adapt-norm": AUTO,
     "temperature": 1.0,
     "mixture-noise": 1.0,
@@ -138,6 +141,8 @@ class RunConfig:
     alpha: float
     conv_method: str
     adaptive_bias: bool
+    adaptor_init: str
+    precondition: bool
     adapt_norm: bool
     temperature: float
     mixture_noise: float
@@ -368,6 +373,8 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         alpha=_as_float("alpha", merged["alpha"]),
         conv_method=_as_choice("conv-method", merged["conv-method"], CONV_METHODS),
         adaptive_bias=_as_bool("adaptive-bias", merged["adaptive-bias"]),
+        adaptor_init=_as_choice("adaptor-init", merged["adaptor-init"], ADAPTOR_INITS),
+        precondition=_as_bool("precondition", merged["precondition"]),
         adapt_norm=_as_bool("adapt-norm", merged["adapt-norm"]),
         temperature=_as_float("temperature", merged["temperature"], 0.0, lo_open=True),
         mixture_noise=_as_float("mixture-noise", merged["mixture-noise"], 0.0),
