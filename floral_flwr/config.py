@@ -75,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "alpha": 1.0,
     "conv-method": "balanced_2d",
     "adaptive-bias": True,
-    "adaptor-init": "zero",
+    "adaptor-init": "centered",
     "precondition": False,
     "adapt-norm": AUTO,
     "temperature": 1.0,

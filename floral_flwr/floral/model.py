@@ -105,9 +105,10 @@ class Floral(nn.Module):
         alpha: adaptor scale (no alpha/r scaling, as in the official code).
         conv_method: "balanced_2d" | "balanced" | "in" | "out" (see ``adaptors.split_kernel``).
         adaptive_bias: per-adaptor bias where the base layer has a bias.
-        adaptor_init: how the per-adaptor biases start, "zero" | "official" | "centered" (random,
-            summing to zero over the C adaptors: the adaptors differ but the output at the
-            uniform mixture is the base model's); see ``init.py``.
+        adaptor_init: how the per-adaptor biases start, "centered" (default: random, summing to
+            zero over the C adaptors, so the adaptors differ but the output at the uniform
+            mixture is the base model's) | "official" (random) | "zero" (identical adaptors);
+            see ``init.py``.
         precondition: rescale the factors' gradients as the official trainer does
             (``(B^T B + eps I)^-1 g_A``, ``g_B (A A^T + eps I)^-1``; see ``precondition.py``),
             with ``eps = precond_eps``.
@@ -147,7 +148,7 @@ class Floral(nn.Module):
         per_layer_mixture: bool = False,
         local_patterns: Union[str, Iterable[str]] = (),
         linear_compute: str = "auto",
-        adaptor_init: str = "zero",
+        adaptor_init: str = "centered",
         precondition: bool = False,
         precond_eps: float = 1e-5,
     ) -> None:
