@@ -44,6 +44,7 @@ INCOMPATIBLE: dict[tuple[str, str], str] = {
 }
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 CONV_METHODS = ("balanced_2d", "balanced", "in", "out")
+ADAPTOR_INITS = ("zero", "official", "centered")
 DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("off", "bf16")
 AGGREGATIONS = ("mean", "sum-only")
@@ -91,6 +92,8 @@ DEFAULTS: dict[str, Any] = {
     "alpha": 1.0,
     "conv-method": "balanced_2d",
     "adaptive-bias": True,
+    "adaptor-init": "centered",
+    "precondition": False,
     "adapt-norm": AUTO,
     "temperature": 1.0,
     "mixture-noise": 1.0,
@@ -149,6 +152,8 @@ KEY_HELP: dict[str, str] = {
     "alpha": "adaptor scale",
     "conv-method": "how conv adaptors split the kernel",
     "adaptive-bias": "per-adaptor bias where the base layer has one",
+    "adaptor-init": "zero (no symmetry breaking), official (random biases) or centered (random, summing to zero over c)",
+    "precondition": "the official code's preconditioned LoRA gradient step",
     "adapt-norm": "norm-layer adaptors",
     "temperature": "p = softmax(logits / temperature)",
     "mixture-noise": "training-time logit noise mixture-noise * U[0, 1)",
@@ -205,6 +210,8 @@ class RunConfig:
     alpha: float
     conv_method: str
     adaptive_bias: bool
+    adaptor_init: str
+    precondition: bool
     adapt_norm: bool
     temperature: float
     mixture_noise: float
@@ -372,6 +379,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": DEVICES,
     "mixed-precision": MIXED_PRECISION,
     "conv-method": CONV_METHODS,
+    "adaptor-init": ADAPTOR_INITS,
     "server-optimizer": SERVER_OPTIMIZERS,
     "aggregation": AGGREGATIONS,
 }
@@ -408,6 +416,8 @@ READERS: dict[str, Callable[[str, Any], Any]] = {
     "alpha": _as_float,
     "conv-method": _choice("conv-method"),
     "adaptive-bias": _as_bool,
+    "adaptor-init": _choice("adaptor-init"),
+    "precondition": _as_bool,
     "adapt-norm": _as_bool,
     "temperature": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
     "mixture-noise": lambda k, v: _as_float(k, v, 0.0),
