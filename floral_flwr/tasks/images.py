@@ -1,3 +1,4 @@
+# size: the image-task family (presets, data variants, partitions, model choice) in one module, as digits and synthetic.
 """MNIST / Fashion-MNIST / CIFAR-10 / CIFAR-100 tasks of the paper (floral-method.md §2, §3.2,
 §3.3).
 
