@@ -120,7 +120,7 @@ def test_the_simulation_check_compares_supernodes_with_the_task_clusters():
 
 def test_a_client_setup_error_becomes_the_clients_own_one_line_message():
     from floral_flwr.server import _setup_error_line
-    from floral_flwr.strategy.floral_strategy import ClientSetupError
+    from floral_flwr.strategy.nodes import ClientSetupError
 
     reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run()'\n"
               "  File \"x.py\", line 3, in run\n    raise ClientAppException(str(ex)) from ex\n"
