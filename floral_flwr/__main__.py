@@ -32,9 +32,9 @@ def describe_task(name: str) -> str:
             text += ", with batch norm"
     else:
         data = {"digits": "scikit-learn digits (bundled, offline)", "mnist": "MNIST (local parquet, data-dir)",
+                "fmnist": "Fashion-MNIST (local parquet, data-dir)",
                 "cifar10": "CIFAR-10 (local parquet, data-dir)",
-                "cifar100": "CIFAR-100 (local parquet, data-dir)",
-                "fmnist": "Fashion-MNIST (python -m floral_flwr.data prepare fashion-mnist DIR; data-dir)"}[base.split("-")[0]]
+                "cifar100": "CIFAR-100 (local parquet, data-dir)"}.get(base.split("-")[0], "image data (local parquet, data-dir)")
         if "-rotate" in base:
             shift = "clusters rotate the images by 0/90/180/270 degrees"
         elif "-label-shift" in base:
