@@ -186,3 +186,31 @@ def test_without_precondition_gradients_are_plain():
     x = torch.rand(4, 12)
     ga, gb = _grads(a, x), _grads(b, x)
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+# ------------------------------------------------------------------------------- run-config plumbing
+
+
+def _handle(**run_config):
+    from floral_flwr.config import parse_run_config
+    from floral_flwr.methods import build_handle
+    from floral_flwr.tasks import task_info
+
+    cfg = parse_run_config({"task": "digits-label-shift", **run_config})
+    return build_handle(cfg, task_info(cfg.task).build_model)
+
+
+def test_the_default_run_config_starts_floral_with_distinct_centred_adaptors():
+    fm = _handle(method="floral").floral
+    for name, b in _biases(fm).items():
+        assert torch.allclose(b.sum(0), torch.zeros_like(b[0]), atol=1e-6), name
+        assert float((b[0] - b[1]).abs().max()) > 1e-3, name
+    zero = _handle(method="floral", **{"adaptor-init": "zero"}).floral
+    assert all(float(b.abs().max()) == 0.0 for b in _biases(zero).values())
+    pre = _handle(method="floral", precondition=True).floral
+    assert pre.precondition and pre._precond_handles
+
+
+def test_feddpa_keeps_zero_started_adaptors_under_the_default_init():
+    h = _handle(method="feddpa")
+    assert all(float(b.abs().max()) == 0.0 for b in _biases(h.fm).values())
