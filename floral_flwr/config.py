@@ -40,7 +40,7 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "f
 CONV_METHODS = ("balanced_2d", "balanced", "in", "out")
 DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("off", "bf16")
-AGGREGATIONS = ("mean", "sum-only")
+AGGREGATIONS = ("secagg", "mean", "sum-only")
 AUTO = "auto"
 
 # key -> default. Order = order in README and pyproject.toml.
@@ -85,9 +85,16 @@ DEFAULTS: dict[str, Any] = {
     "server-lr": 1.0,
     "server-momentum": 0.9,
     "proximal-mu": 0.01,
-    # "mean": clients send their states, the server weights and averages; "sum-only": clients
-    # send n_k*base_k, w_k(c)*adaptor_c^k and the weights, the server only sums and divides once
-    "aggregation": "mean",
+    # "secagg": Flower's SecAgg+ over the sum-only payload, the server sees only sums (default);
+    # "mean": clients send their states and n_k p_k in plaintext (fast research mode); "sum-only":
+    # clients send n_k*base_k, w_k(c)*adaptor_c^k and the weights in plaintext, the server sums
+    "aggregation": "secagg",
+    "secagg-clip": 8.0,
+    "secagg-num-shares": 0,
+    "secagg-threshold": 0.6,
+    # per-client mixtures in evaluation replies (clients.csv p columns, the heatmap): reveals p_k
+    "report-mixtures": False,
+    "report-mixtures-acknowledged": False,
     # baselines and clients that never train
     "holdout-clients": 0.0,
     "adapt-steps": 20,
@@ -149,6 +156,11 @@ class RunConfig:
     server_momentum: float
     proximal_mu: float
     aggregation: str
+    secagg_clip: float
+    secagg_num_shares: int
+    secagg_threshold: float
+    report_mixtures: bool
+    report_mixtures_acknowledged: bool
     holdout_clients: float
     adapt_steps: int
     ditto_lambda: float
@@ -273,6 +285,19 @@ def _as_rank(key: str, value: Any) -> float | int | str:
     raise _err(key, value, "an int >= 1, a float in (0, 1], 'sqrt', 'log' or 'full'")
 
 
+def _as_num_shares(key: str, value: Any) -> int:
+    """secagg-num-shares: 0 (automatic) or an odd integer >= 3 (SecAgg+ neighbourhoods are
+    symmetric around a client, so their size is odd)."""
+    allowed = "0 (automatic: 2*ceil(log2 N)+1, at most N) or an odd integer >= 3"
+    try:
+        n = _as_int(key, value, 0)
+    except ConfigError:
+        raise _err(key, value, allowed) from None
+    if n != 0 and (n < 3 or n % 2 == 0):
+        raise _err(key, value, allowed)
+    return n
+
+
 def _known_tasks() -> tuple[str, ...] | None:
     try:
         from floral_flwr.tasks import TASK_NAMES
@@ -381,6 +406,12 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         server_momentum=_as_float("server-momentum", merged["server-momentum"], 0.0, 1.0),
         proximal_mu=_as_float("proximal-mu", merged["proximal-mu"], 0.0),
         aggregation=_as_choice("aggregation", merged["aggregation"], AGGREGATIONS),
+        secagg_clip=_as_float("secagg-clip", merged["secagg-clip"], 1.0),
+        secagg_num_shares=_as_num_shares("secagg-num-shares", merged["secagg-num-shares"]),
+        secagg_threshold=_as_float("secagg-threshold", merged["secagg-threshold"], 0.5, 1.0, lo_open=True),
+        report_mixtures=_as_bool("report-mixtures", merged["report-mixtures"]),
+        report_mixtures_acknowledged=_as_bool("report-mixtures-acknowledged",
+                                              merged["report-mixtures-acknowledged"]),
         holdout_clients=_as_float("holdout-clients", merged["holdout-clients"], 0.0, 0.9),
         adapt_steps=_as_int("adapt-steps", merged["adapt-steps"], 0),
         ditto_lambda=_as_float("ditto-lambda", merged["ditto-lambda"], 0.0),

@@ -36,6 +36,7 @@ logger = logging.getLogger("floral_flwr")
 
 STATE_KEY = "floral.private"
 STATE_META_KEY = "floral.private.meta"
+EVAL_KEY = "floral.eval"  # the last evaluation's assigned adaptor (never sent in plaintext under secagg)
 
 
 @dataclass
@@ -206,7 +207,11 @@ def _record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def _load_shared(setup: ClientSetup, msg: Message) -> None:
-    state = {k: t.to(setup.device) for k, t in _record_tensors(msg.content["arrays"]).items()}
+    _load_shared_record(setup, msg.content["arrays"])
+
+
+def _load_shared_record(setup: ClientSetup, record: ArrayRecord) -> None:
+    state = {k: t.to(setup.device) for k, t in _record_tensors(record).items()}
     setup.handle.load_shared_state_dict(state)
 
 
@@ -246,14 +251,31 @@ def _augment_for(task: Any, cid: int) -> Any:
     return lambda x, gen: fn(x, gen, cluster=cluster)
 
 
-def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
+@dataclass
+class LocalRound:
+    """What one local training round produced (before it is packed into a reply)."""
+
+    setup: ClientSetup
+    client_id: int
+    server_round: int
+    num_examples: int
+    loss: float
+    metrics: dict[str, Any]  # num-examples, train-loss, client-id, the method's extra metrics
+    adaptor_weights: list[float] | None  # w_k(c), None without adaptors
+    arrays: ArrayRecord  # the trained shared state
+
+
+def train_once(context: Context, config: ConfigRecord, shared: ArrayRecord,
+               run_config: Mapping[str, Any] | None = None) -> LocalRound:
+    """Load the global state and this client's private state, train one round, save the private
+    state. Used by the plaintext reply (:func:`handle_train`) and the secure one
+    (:mod:`floral_flwr.client.secure`)."""
     setup = get_setup(context, run_config)
     cfg = setup.cfg
     cid, _ = client_identity(context)
-    config = msg.content["config"]
     rnd = int(config["server-round"])
     store = open_store(context, setup, cid, config)
-    _load_shared(setup, msg)
+    _load_shared_record(setup, shared)
     restore_private(setup, context, store, rnd)
     data = setup.task.client_data(cid)
     seed_torch(seed_for(cfg.seed, rnd, cid))  # mixture noise, dropout
@@ -279,19 +301,37 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
         "client-id": cid,
         **setup.handle.train_metrics(),
     }
-    if setup.handle.num_adaptors:
-        metrics["adaptor-weights"] = _mixture_weights(setup.handle, result.num_examples)
-    arrays = _shared_record(setup.handle)
+    weights = _mixture_weights(setup.handle, result.num_examples) if setup.handle.num_adaptors else None
+    return LocalRound(setup, cid, rnd, result.num_examples, result.loss, metrics, weights,
+                      _shared_record(setup.handle))
+
+
+def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
+    """A plaintext train reply ('mean' / 'sum-only'): the trained shared state and, with
+    adaptors, the weights w_k(c) = n_k p_k(c) in the metrics."""
+    cfg = get_setup(context, run_config).cfg
+    if cfg.aggregation == "secagg":
+        # the client, not only the server, holds the line: no plaintext update under secagg
+        raise PermissionError(
+            "run config 'aggregation' = 'secagg': this client sends its update only through "
+            "secure aggregation, but got a plaintext train request (allowed for plaintext replies: "
+            "aggregation 'mean' or 'sum-only')"
+        )
+    local = train_once(context, msg.content["config"], msg.content["arrays"], run_config)
+    metrics = local.metrics
+    if local.adaptor_weights is not None:
+        metrics["adaptor-weights"] = local.adaptor_weights
+    arrays = local.arrays
     if cfg.aggregation == "sum-only":  # send n_k*base_k and w_k(c)*adaptor_c^k: the server only sums
-        scaled = scale_for_sum({k: from_array(a) for k, a in arrays.items()}, result.num_examples,
-                               metrics.get("adaptor-weights"))
+        scaled = scale_for_sum({k: from_array(a) for k, a in arrays.items()}, local.num_examples,
+                               local.adaptor_weights)
         arrays = ArrayRecord({k: to_array(v) for k, v in scaled.items()})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     fault = context.node_config.get("fault")
     if fault:  # TEST ONLY: deliberate bad replies for the fault tests (floral_flwr/client/faults.py)
         from floral_flwr.client.faults import inject_fault
 
-        content = inject_fault(str(fault), content, rnd)
+        content = inject_fault(str(fault), content, local.server_round)
     return Message(content, reply_to=msg)
 
 
@@ -335,8 +375,15 @@ def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any
     }
     metrics.update(extra)
     mix = setup.handle.mixture()
-    if mix:
-        metrics["mixture"] = mix
+    if mix and setup.handle.num_adaptors:
+        assigned = int(np.argmax(np.asarray(mix).reshape(-1, setup.handle.num_adaptors).mean(0)))
+        # kept for the secure contingency table of this round (floral_flwr.client.secure)
+        context.state[EVAL_KEY] = ConfigRecord({"round": rnd, "assigned": assigned,
+                                                "true-cluster": metrics["true-cluster"]})
+        if cfg.report_mixtures:  # opt-in (refused in deployment without the acknowledgement)
+            metrics["mixture"] = mix
+        elif cfg.aggregation != "secagg":  # 'mean' reveals n_k p_k anyway: the argmax in plaintext
+            metrics["assigned-adaptor"] = assigned
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
