@@ -40,7 +40,7 @@ def _roundtrip(msg: Message) -> Message:
 
 
 class InlineGrid(Grid):
-    """A Grid whose nodes are virtual clients run in this process.
+    """A Grid whose nodes are virtual clients run in this process (a simulation: ``simulated``).
 
     Parameters
     ----------
@@ -57,6 +57,8 @@ class InlineGrid(Grid):
     serialize : bool
         Round-trip messages through protobuf (default True).
     """
+
+    simulated = True  # every node is set up by whoever runs the server (floral_flwr.server.is_simulated)
 
     def __init__(
         self,

@@ -2,7 +2,9 @@
 
 Everything that can be wrong with the configuration (bad keys or values, an unknown task, a
 method that needs clusters the task lacks, an unwritable output directory, ``resume=true`` with
-no checkpoint) is detected here, before round 1, and reported as one :class:`ConfigError` line.
+no checkpoint, secure aggregation on an untested Flower or with too few clients, per-client
+mixtures requested in a deployment without the acknowledgement) is detected here, before round 1,
+and reported as one :class:`ConfigError` line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from flwr.serverapp import Grid, ServerApp
 from floral_flwr.config import ConfigError, RunConfig, parse_run_config, resolve_output_dir
 from floral_flwr.methods import build_handle, check_method_task
 from floral_flwr.results import RunRecorder
+from floral_flwr.strategy.masked_sum import check_flower_version
+from floral_flwr.strategy.secagg import SecAggSettings
+from floral_flwr.strategy.secure_rounds import SecureOptions
 from floral_flwr.strategy.floral_strategy import FloralStrategy, build_strategy
 from floral_flwr.wire import to_array
 
@@ -55,6 +60,8 @@ def prepare_run(cfg: RunConfig) -> tuple[Any, Any, RunRecorder]:
         check_method_task(cfg, task.num_clusters)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if cfg.aggregation == "secagg":
+        check_flower_version()
     handle = build_handle(cfg, task.build_model)
     run_dir = _run_dir(cfg)
     recorder = RunRecorder(run_dir, task.metric, cfg.num_server_rounds)
@@ -71,6 +78,25 @@ def prepare_run(cfg: RunConfig) -> tuple[Any, Any, RunRecorder]:
             f"first, or point 'run-name' at an interrupted run"
         )
     return task, handle, recorder
+
+
+def is_simulated(grid: Grid) -> bool:
+    """The simulation engine's grid or the in-process one: every node runs on this machine, set
+    up by whoever runs the server. Anything else (a SuperLink's HttpGrid) is a deployment."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid) or bool(getattr(grid, "simulated", False))
+
+
+def check_mixture_reporting(cfg: RunConfig, grid: Grid) -> None:
+    """``report-mixtures`` sends every client's p_k to the server: in a deployment only with the
+    operator's explicit acknowledgement."""
+    if cfg.report_mixtures and not cfg.report_mixtures_acknowledged and not is_simulated(grid):
+        raise ConfigError(
+            "run config 'report-mixtures' = true sends every client's mixture p_k to the server in "
+            "plaintext; in a deployment it needs 'report-mixtures-acknowledged' = true as well "
+            "(allowed: report-mixtures = false, or both true)"
+        )
 
 
 def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
@@ -98,10 +124,21 @@ def load_state_for_export(recorder: RunRecorder) -> ArrayRecord:
     return ArrayRecord({k: to_array(v) for k, v in recorder.latest_state().items()})
 
 
+def start_rounds(strategy: FloralStrategy, grid: Grid, *args: Any, **kwargs: Any) -> None:
+    """``strategy.start``; a configuration error found on the way (too few clients for secure
+    aggregation in round 1) is reported like the others."""
+    try:
+        strategy.start(grid, *args, **kwargs)
+    except ConfigError as exc:
+        log(logging.ERROR, "[floral] configuration error: %s", exc)
+        raise
+
+
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Run the whole federation; returns the summary that is also written to summary.json."""
     try:
         cfg = parse_run_config(run_config)
+        check_mixture_reporting(cfg, grid)
         task, handle, recorder = prepare_run(cfg)
     except ConfigError as exc:
         log(logging.ERROR, "[floral] configuration error: %s", exc)
@@ -128,6 +165,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         client_lr=cfg.lr,
     )
     strategy.sum_only = cfg.aggregation == "sum-only"
+    if cfg.aggregation == "secagg":
+        strategy.secure = SecureOptions(SecAggSettings.from_config(cfg), num_clusters=int(task.num_clusters or 0),
+                                        has_mixture=handle.mixture() is not None)
     start_round = 1
     arrays = initial
     if cfg.resume:
@@ -164,7 +204,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     if start_round > cfg.num_server_rounds:
         print(f"[floral] nothing to do: checkpoint is at round {start_round - 1}", flush=True)
     else:
-        strategy.start(
+        start_rounds(
+            strategy,
             grid,
             ArrayRecord({k: to_array(np.asarray(v)) for k, v in arrays.items()}),
             num_rounds=cfg.num_server_rounds,

@@ -114,6 +114,7 @@ class SecureSum:
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # (node, stage, reason)
     silent: dict[str, list[int]] = field(default_factory=dict)  # stage -> nodes that never answered
     precision: Precision | None = None
+    scale: float = 1.0  # the public weight scale s of a train exchange
     shares: int = 0
     threshold: int = 0
     bytes_up: int = 0

@@ -127,7 +127,7 @@ def validate_eval_metrics(
     out: dict[str, object] = {"num-examples": n}
     for key in ("loss", metric_name):
         out[key] = _finite_number(key, metrics.get(key))
-    for key in ("client-id", "true-cluster"):
+    for key in ("client-id", "true-cluster", "assigned-adaptor"):  # assigned: 'mean' mode's argmax
         if key in metrics:
             out[key] = int(_finite_number(key, metrics[key]))
     for key in ("holdout", "adapt-steps"):  # clients that never trained (holdout-clients)
