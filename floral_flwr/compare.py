@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out / "runs"
     jobs = []
     for t in tasks:
-        K = args.clients or int(task_defaults(t).get("num-clients", 20))
+        # the data directory may hold a prepared subset with its own K (mnist-5k: 20)
+        data_dir = str(extra.get("data-dir") or "") or None
+        K = args.clients or int(task_defaults(t, data_dir=data_dir).get("num-clients", 20))
         rounds = args.rounds or (quick_rounds(t) if args.quick else None)
         for m in methods:
             for s in range(args.seeds):

@@ -164,7 +164,9 @@ class ModelHandle:
     def kind(self) -> str:
         """Identifies method + shapes, so a private-state file of another model is refused."""
         shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in self.private_state_dict().items())
-        return f"{type(self).__name__}|{shapes}"
+        return f"{self.kind_name or type(self).__name__}|{shapes}"
+
+    kind_name = ""  # a stable name for ``kind`` where the class was renamed (files stay loadable)
 
 
 def build_handle(cfg: RunConfig, build_model: Callable[[], nn.Module]) -> ModelHandle:

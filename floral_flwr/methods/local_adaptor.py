@@ -31,6 +31,8 @@ def _is_local(key: str) -> bool:
 class LocalAdaptorHandle(FloralHandle):
     """FLoRAL's handle with the adaptor banks moved from the shared to the private state."""
 
+    kind_name = "FloralHandle"  # its private-state files were written under this name: they still load
+
     def __init__(self, floral: Floral) -> None:
         super().__init__(floral)
         self.num_adaptors = 0  # nothing adaptor-shaped on the wire
