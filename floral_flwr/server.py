@@ -22,10 +22,11 @@ from flwr.serverapp import Grid, ServerApp
 from floral_flwr.config import ConfigError, RunConfig, parse_run_config, resolve_output_dir
 from floral_flwr.methods import build_handle, check_method_task
 from floral_flwr.results import RunRecorder
+from floral_flwr.strategy.floral_strategy import FloralStrategy
 from floral_flwr.strategy.masked_sum import check_flower_version
+from floral_flwr.strategy.optimizers import build_strategy
 from floral_flwr.strategy.secagg import SecAggSettings
 from floral_flwr.strategy.secure_rounds import SecureOptions
-from floral_flwr.strategy.floral_strategy import FloralStrategy, build_strategy
 from floral_flwr.wire import to_array
 
 logger = logging.getLogger("floral_flwr")
