@@ -246,24 +246,34 @@ def test_a_dropout_in_a_later_stage_is_survived(tmp_path, stage):
     assert summary["failures"] == NUM_CLIENTS - received
 
 
-def test_a_client_outside_the_clipping_range_is_dropped_with_the_key_named(tmp_path, monkeypatch, caplog):
-    real = client_secure.encode_train
+def test_a_client_outside_the_clipping_range_is_dropped_with_the_key_named(tmp_path, monkeypatch):
+    """Clients 5 and 6 of 8 produce a vector outside [-secagg-clip, secagg-clip]: they do not send
+    it (SecAgg+ would clip it silently), the round completes with the other six, and the result
+    is the 'mean' of those six."""
+    real = client_secure.secure_train
+    bad = {1000 + 7919 * 5, 1000 + 7919 * 6}
 
-    def oversized(received, trained, n, w, c, scale):
-        vec = real(received, trained, n, w, c, scale)
-        return vec * 1e4 if n == 179 else vec  # the clients with 179 train rows (ids 5..7)
+    def oversized(msg, context, run_config):
+        vector, plain = real(msg, context, run_config)
+        return (vector * 1e4 if plain["client-id"] in (5, 6) else vector), plain
 
-    monkeypatch.setattr(client_secure, "encode_train", oversized)
+    monkeypatch.setattr(client_secure, "secure_train", oversized)
     caught = []
 
     def hook(node, reply):
         caught.append(reply)
         return reply
 
-    summary, _ = run_inline(_cfg(tmp_path, "clip", **{"num-server-rounds": 1}), 8, reply_hook=hook)
+    one = {"num-server-rounds": 1, "eval-every": 1}
+    summary, _ = run_inline(_cfg(tmp_path, "clip", **one), 8, reply_hook=hook)
     errors = [r.error.reason for r in caught if r.has_error()]
-    assert len(errors) == 3 and all("'secagg-clip' = 8" in e for e in errors)
-    assert summary["failures"] == 3  # the round went on with the other five
+    assert len(errors) == 2 and all("'secagg-clip' = 8" in e and "outside [-8, 8]" in e for e in errors)
+    assert summary["failures"] == 2
+    run_inline(_cfg(tmp_path, "mean", aggregation="mean", **one), 8,
+               reply_hook=lambda node, r: _fail_train_of(node)(node, r) if node in bad else r)
+    a, b = _final(tmp_path, "mean"), _final(tmp_path, "clip")
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -302,13 +312,13 @@ def _train_replies(grid: InlineGrid) -> list[Message]:
     return [r for r in grid.replies_seen if r.metadata.message_type == "train"]
 
 
-@pytest.mark.parametrize("extra, clients, fragment", [
-    ({}, 1, "'aggregation' = 'secagg' needs at least 2 clients"),
-    ({"secagg-num-shares": 5}, 3, "'secagg-num-shares' = 5 exceeds the 3 clients"),
+@pytest.mark.parametrize("extra, fragment", [
+    ({"fraction-train": 0.25}, "'aggregation' = 'secagg' needs at least 2 clients per round"),
+    ({"secagg-num-shares": 5}, "'secagg-num-shares' = 5 exceeds the 4 clients"),
 ])
-def test_too_few_clients_stop_before_round_1(tmp_path, extra, clients, fragment):
+def test_too_few_clients_stop_before_round_1(tmp_path, extra, fragment):
     cfg = _cfg(tmp_path, "few", **extra)
-    grid = InlineGrid(make_client_app(cfg), clients)
+    grid = InlineGrid(make_client_app(cfg), NUM_CLIENTS)
     with pytest.raises(ConfigError, match=fragment):
         run_server(grid, cfg)
     assert _train_replies(grid) == []
@@ -338,9 +348,9 @@ def test_report_mixtures_in_deployment_needs_the_acknowledgement(tmp_path):
 
 def test_a_secagg_client_refuses_a_plaintext_train_request(tmp_path):
     cfg = _cfg(tmp_path, "refuse", **{"num-server-rounds": 1, "eval-every": 1})
-    grid = InlineGrid(make_client_app(cfg), 2)  # the clients run with the default: secagg
+    grid = InlineGrid(make_client_app(cfg), NUM_CLIENTS)  # the clients run with the default: secagg
     summary = run_server(grid, {**cfg, "aggregation": "mean"})  # a server asking for plaintext
     train = _train_replies(grid)
-    assert len(train) == 2 and all(r.has_error() for r in train)
+    assert len(train) == NUM_CLIENTS and all(r.has_error() for r in train)
     assert all("'aggregation' = 'secagg'" in r.error.reason for r in train)
-    assert summary["failures"] == 2
+    assert summary["failures"] == NUM_CLIENTS

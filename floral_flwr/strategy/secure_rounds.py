@@ -113,22 +113,38 @@ def aggregate_secure(strategy: Any, rnd: int, exchange: SecureSum) -> tuple[Arra
     return out, metrics
 
 
-def tally_wanted(strategy: Any) -> bool:
+def _tally_rows(strategy: Any) -> list[dict[str, Any]]:
+    """The evaluated clients the ARI is about: those that trained (all if none did)."""
+    rows = strategy.stats.eval_rows
+    return [r for r in rows if not r.get("holdout")] or list(rows)
+
+
+def wants_secure_ari(strategy: Any) -> bool:
+    """A secure tally is due: secagg, a method with mixtures over C > 1 adaptors, a task with
+    true clusters, every evaluated client knowing its own, and no plaintext mixture to use."""
     opts = strategy.secure
-    return bool(opts and opts.num_clusters > 1 and opts.has_mixture and strategy.num_adaptors > 1)
+    if not (opts and opts.num_clusters > 1 and opts.has_mixture and strategy.num_adaptors > 1):
+        return False
+    rows = _tally_rows(strategy)
+    clusters = {int(r.get("true-cluster", -1)) for r in rows}
+    return (len(rows) >= 2 and min(clusters) >= 0 and len(clusters) > 1
+            and "cluster-ari" not in strategy.stats.eval_summary)
 
 
-def secure_ari(strategy: Any, grid: Grid, rnd: int, evaluated_nodes: list[int],
-               config: ConfigRecord | None) -> float | None:
+def secure_ari(strategy: Any, grid: Grid, rnd: int, config: ConfigRecord | None) -> float | None:
     """The cluster ARI of the evaluated (trained) clients from a securely summed contingency
-    table; None when it cannot be computed (fewer than 2 clients, the exchange halted)."""
+    table; None when it cannot be computed (too few clients, the exchange halted)."""
     opts = strategy.secure
-    nodes = [n for n in evaluated_nodes if n not in strategy.clients.holdout_nodes]
-    if len(nodes) < 2:
-        return None
+    wanted = {int(r["client-id"]) for r in _tally_rows(strategy)}
+    clients = strategy.clients
+    nodes = sorted(n for n, cid in clients.client_ids.items() if cid in wanted and n not in clients.superseded)
     tally_config = {**dict(config or {}), "server-round": rnd,
                     CLUSTERS_KEY: opts.num_clusters, ADAPTORS_KEY: strategy.num_adaptors}
-    exchange = secure_sum(grid, nodes, ArrayRecord(), tally_config, "tally", opts.settings, rnd)
+    try:
+        exchange = secure_sum(grid, nodes, ArrayRecord(), tally_config, "tally", opts.settings, rnd)
+    except ConfigError as exc:
+        log(WARNING, "round %d: no secure cluster ARI: %s", rnd, exc)
+        return None
     strategy.stats.bytes_up += exchange.bytes_up
     strategy.stats.bytes_down += exchange.bytes_down
     if exchange.halted:
