@@ -6,12 +6,13 @@
 
 Each run (:func:`floral_flwr.inline.run_inline`, 8 clients, 6 rounds, evaluation every 2) writes
 its final checkpoint (the global state and the server-optimizer state; both depend on every
-earlier round); the JSON holds the sha256 of every array of both files (over dtype, shape and the
-raw bytes) and of the results with timings and paths dropped: ``rounds.csv`` (per round: train
-loss, sampling counts, failures, bytes, evaluation summary), ``clients.csv`` (every client's
-personalized metric and mixture on each evaluation round) and ``summary.json`` (final and holdout
-summaries, failure counts). ``--compare OLD.json`` exits with status 1 and names every entry that
-differs, is missing or is new.
+earlier round) and the clients' private states. The JSON holds the sha256 of every array of every
+``.npz`` in the run directory (over dtype, shape and the raw bytes) and of the results with
+timings and paths dropped: ``rounds.csv`` (per round: train loss, sampling counts, failures,
+bytes, evaluation summary), ``clients.csv`` (every client's personalized metric and mixture on
+each evaluation round) and ``summary.json`` (final and holdout summaries, failure counts).
+``--compare OLD.json`` exits with status 1 and names every entry that differs, is missing or is
+new.
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ def _table_digest(path: Path) -> str:
 
 
 def digest_run(run_dir: Path) -> dict[str, str]:
-    """Every array of the final checkpoint, plus the result tables, as name -> sha256."""
+    """Every array of every ``.npz`` of the run (final checkpoint, client private states), plus
+    the result tables, as name -> sha256."""
     meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())
-    rnd = int(meta["round"])
-    out: dict[str, str] = {"checkpoint-round": str(rnd)}
-    for kind in ("state", "optimizer"):
-        arrays = load_npz(run_dir / "checkpoint" / f"{kind}-{rnd:06d}.npz")
-        out.update({f"{kind}/{k}": _array_digest(v) for k, v in sorted(arrays.items())})
+    out: dict[str, str] = {"checkpoint-round": str(int(meta["round"]))}
+    for path in sorted(run_dir.rglob("*.npz")):
+        name = path.relative_to(run_dir).as_posix()
+        out.update({f"{name}:{k}": _array_digest(v) for k, v in sorted(load_npz(path).items())})
     for table in ("rounds.csv", "clients.csv"):
         out[table] = _table_digest(run_dir / table)
     summary = json.loads((run_dir / "summary.json").read_text())
