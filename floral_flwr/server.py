@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -135,8 +136,11 @@ def start_rounds(strategy: FloralStrategy, grid: Grid, *args: Any, **kwargs: Any
         raise
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Run the whole federation; returns the summary that is also written to summary.json."""
+def run_server(grid: Grid, run_config: Mapping[str, Any],
+               round_hook: Callable[[int, FloralStrategy], None] | None = None) -> dict[str, Any]:
+    """Run the whole federation; returns the summary that is also written to summary.json.
+    ``round_hook(round, strategy)`` runs after each round's checkpoint (benchmarks read
+    ``strategy.stats`` there)."""
     try:
         cfg = parse_run_config(run_config)
         check_mixture_reporting(cfg, grid)
@@ -201,6 +205,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         rounds_log.append(recorder.record_round(strat.stats, num_adaptors))
         state = {k: a.numpy() for k, a in new_arrays.items()}
         recorder.save_checkpoint(rnd, state, strat.optimizer_state(), {"seed": cfg.seed})
+        if round_hook is not None:
+            round_hook(rnd, strat)
 
     if start_round > cfg.num_server_rounds:
         print(f"[floral] nothing to do: checkpoint is at round {start_round - 1}", flush=True)

@@ -28,11 +28,13 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.client.mod import secaggplus_mod
 from flwr.compat.common import recorddict_compat as compat
 
 from floral_flwr.client.handlers import EVAL_KEY, client_identity, train_once
+from floral_flwr.config import parse_run_config
+from floral_flwr.methods.training import seed_for
 from floral_flwr.strategy.masked_sum import (
     ADAPTORS_KEY,
     CLUSTERS_KEY,
@@ -47,6 +49,7 @@ from floral_flwr.strategy.masked_sum import (
 from floral_flwr.wire import from_array
 
 FITINS_PARAMETERS, FITINS_CONFIG = "fitins.parameters", "fitins.config"
+DROP_KEY = "secagg-drop-at"  # TEST-ONLY node config: fail at this SecAgg+ stage (a dropout)
 
 
 def make_secure_mod(run_config_of: Callable[[Context], Mapping[str, Any]]) -> Callable[..., Message]:
@@ -57,6 +60,10 @@ def make_secure_mod(run_config_of: Callable[[Context], Mapping[str, Any]]) -> Ca
         if RECORD_KEY_CONFIGS not in msg.content.config_records:
             return call_next(msg, context)
         check_flower_version()
+        drop_at = context.node_config.get(DROP_KEY)
+        if drop_at and msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == drop_at:
+            # TEST ONLY (floral_flwr/client/faults.py): this node drops out at that stage
+            raise RuntimeError(f"node config '{DROP_KEY}' = {drop_at!r}: dropping out of secure aggregation")
         run_config = run_config_of(context)
         return secaggplus_mod(msg, context, lambda m, c: handle_secure(m, c, run_config))
 
@@ -129,4 +136,11 @@ def handle_secure(msg: Message, context: Context, run_config: Mapping[str, Any])
     else:
         raise ValueError(f"secure request '{PURPOSE_KEY}' = {purpose!r}: allowed 'train', 'tally'")
     check_clip(vector, _clip_range(context))
+    # Flower's mod rounds stochastically with numpy's global generator right after this returns:
+    # seeding it per (run seed, round, client) makes secure runs reproducible (a resumed run
+    # equals the uninterrupted one). The rounding noise protects nothing; the masks come from
+    # the key agreement and os.urandom.
+    cfg = parse_run_config(run_config)
+    cid, _ = client_identity(context)
+    np.random.seed(seed_for(cfg.seed, int(config["server-round"]), cid) % (1 << 32))
     return _reply(msg, vector, plain)
