@@ -1,18 +1,23 @@
 """What secure aggregation costs per round: ``mean`` vs ``sum-only`` vs ``secagg``, side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_secagg.py [--clients 20] [--rounds 4] \\
-        [--repeats 2] [--cifar-train 64] [--workloads digits cifar10] [--markdown out.md]
+        [--repeats 2] [--cifar-train 64] [--workloads digits cifar10] [--modes ...] [--markdown out.md]
 
 Workloads (the project's real ServerApp logic and ClientApp, in-process through the inline
 engine, i.e. Flower's protobuf round trip per message and Flower's SecAgg+ workflow and mod):
 
 * ``digits``: ``digits-label-shift``, FLoRAL C = 4 (the default job), ``--clients`` clients;
 * ``cifar10``: ``cifar10-label-shift`` (the CIFAR-10 CNN with FLoRAL C = 4) on synthetic images
-  (``write_fake_dataset``: ``--cifar-train`` random images per client, the hub schema).
+  (``write_fake_dataset``: ``--cifar-train`` random images per client, the hub schema; the real
+  task has 2500 per client).
+
+Modes: ``mean``, ``sum-only``, ``secagg`` (default neighbourhood k = min(N, 5)) and ``secagg``
+with k = 3 and k = 11 (``secagg-num-shares``).
 
 Every repetition runs the three aggregation modes one after the other (the order rotates) with
 the same clients, seed and rounds; evaluation only in the last round. Per training round
-(rounds 2..R: round 1 builds each client's model and data):
+(rounds 2..R-1: round 1 builds each client's model and data, round R also evaluates and, under
+secagg, runs the ARI tally):
 
 * ``round``: the train phase (``RoundStats.seconds_train``: sample, send, every stage, aggregate);
 * ``client``: time inside the ClientApp for train-type messages (local SGD, encoding, Flower's
@@ -42,7 +47,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = ("mean", "sum-only", "secagg")
+# label -> run-config overrides; secagg at the default neighbourhood (k = min(N, 5)) and at the
+# two ends of the cost range (k = 3: Flower's example; k = 11: 2 ceil(log2 N) + 1 at N = 20)
+MODES: dict[str, dict[str, Any]] = {
+    "mean": {"aggregation": "mean"},
+    "sum-only": {"aggregation": "sum-only"},
+    "secagg": {"aggregation": "secagg"},
+    "secagg k=3": {"aggregation": "secagg", "secagg-num-shares": 3},
+    "secagg k=11": {"aggregation": "secagg", "secagg-num-shares": 11},
+}
 
 
 def timed_grid(cfg: dict[str, Any], clients: int):
@@ -121,30 +134,35 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cifar-train", type=int, default=64, help="synthetic CIFAR-10 train images per client")
     ap.add_argument("--workloads", nargs="*", default=["digits", "cifar10"])
+    ap.add_argument("--modes", nargs="*", default=list(MODES), help=f"of {list(MODES)}")
     ap.add_argument("--markdown", default="")
     args = ap.parse_args()
+    if args.rounds < 3:
+        raise SystemExit("--rounds must be >= 3 (round 1 and the last round are not measured)")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-secagg-"))
     print(f"load average at start {os.getloadavg()}", flush=True)
-    lines = [f"Per training round, {args.clients} clients, rounds 2..{args.rounds}, {args.repeats} "
+    lines = [f"Per training round, {args.clients} clients, rounds 2..{args.rounds - 1}, {args.repeats} "
              f"repetitions, in-process (inline engine); load average at start "
              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.", ""]
     for name in args.workloads:
         cfg = workload_config(name, args, work)
-        per_mode: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+        modes = [m for m in MODES if m in args.modes]
+        per_mode: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         for rep in range(args.repeats):
-            order = MODES[rep % len(MODES):] + MODES[: rep % len(MODES)]
+            order = modes[rep % len(modes):] + modes[: rep % len(modes)]
             for mode in order:
                 t0 = time.perf_counter()
-                rows = run_once({**cfg, "aggregation": mode, "run-name": f"{name}-{mode}-{rep}"}, args.clients)
-                med = median_rows(rows[1:] or rows)
+                run_name = f"{name}-{mode.replace(' ', '-').replace('=', '')}-{rep}"
+                rows = run_once({**cfg, **MODES[mode], "run-name": run_name}, args.clients)
+                med = median_rows(rows[1:-1])  # round 1 builds the setups; the last evaluates
                 per_mode[mode].append(med)
                 print(f"{name} rep {rep + 1} {mode:8s} ({time.perf_counter() - t0:.0f} s): "
                       + " ".join(f"{k} {v:.4g}" for k, v in med.items()), flush=True)
         lines += [f"### {name} ({cfg['task']})", "",
                   "| mode | round s | client s | server s | other s | up / round | down / round | round / mean |",
                   "|---|---|---|---|---|---|---|---|"]
-        for mode in MODES:
+        for mode in modes:
             meds = per_mode[mode]
             m = {k: statistics.median(r[k] for r in meds) for k in meds[0]}
             ratio = statistics.median(r["round_s"] / b["round_s"] for r, b in zip(meds, per_mode["mean"]))

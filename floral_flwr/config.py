@@ -288,7 +288,7 @@ def _as_rank(key: str, value: Any) -> float | int | str:
 def _as_num_shares(key: str, value: Any) -> int:
     """secagg-num-shares: 0 (automatic) or an odd integer >= 3 (SecAgg+ neighbourhoods are
     symmetric around a client, so their size is odd)."""
-    allowed = "0 (automatic: 2*ceil(log2 N)+1, at most N) or an odd integer >= 3"
+    allowed = "0 (automatic: min(N, 5)) or an odd integer >= 3"
     try:
         n = _as_int(key, value, 0)
     except ConfigError:

@@ -165,7 +165,7 @@ def test_protocol_sizes_and_their_errors():
         k, t = protocol_sizes(n, s)
         assert k <= n and (k == n or k % 2 == 1)
         assert t > k / 2 and 2 <= t <= k  # a server cannot collect both secrets of a client
-    assert protocol_sizes(20, s)[0] == 11  # 2 * ceil(log2 20) + 1
+    assert protocol_sizes(20, s) == (5, 3)  # automatic: min(N, 5), t = ceil(0.6 k)
     with pytest.raises(ConfigError, match="'aggregation' = 'secagg' needs at least 2 clients"):
         protocol_sizes(1, s)
     with pytest.raises(ConfigError, match=r"'secagg-num-shares' = 7 exceeds .* allowed 0 \(automatic\)"):

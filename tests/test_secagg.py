@@ -155,11 +155,15 @@ def test_the_server_receives_no_mixture_under_secagg(tmp_path, method):
     assert summary["final"]["accuracy-mean"] > 0
 
 
-def test_the_search_finds_the_mixture_where_it_is_sent(tmp_path):
-    """'mean' reveals n_k p_k in every train reply; report-mixtures reveals p_k in evaluation."""
-    _, caught = _run_and_catch(tmp_path, "mean", aggregation="mean")
-    found = _leaks(caught, tmp_path / "mean", 4)
+@pytest.mark.parametrize("mode", ["mean", "sum-only"])
+def test_the_search_finds_the_mixture_where_it_is_sent(tmp_path, mode):
+    """'mean' and 'sum-only' reveal n_k p_k in every train reply; report-mixtures reveals p_k in
+    evaluation (under secagg too)."""
+    _, caught = _run_and_catch(tmp_path, mode, aggregation=mode)
+    found = _leaks(caught, tmp_path / mode, 4)
     assert found.get("train", 0) >= NUM_CLIENTS * 2 and "evaluate" not in found
+    if mode == "sum-only":
+        return
     _, caught = _run_and_catch(tmp_path, "report", **{"report-mixtures": True})
     found = _leaks(caught, tmp_path / "report", 4)
     assert found.get("evaluate", 0) >= NUM_CLIENTS and "train" not in found

@@ -74,6 +74,12 @@ class SecAggSettings:
         return cls(cfg.secagg_clip, cfg.secagg_num_shares, cfg.secagg_threshold, cfg.reply_timeout)
 
 
+# The automatic neighbourhood: each client pairs its mask with 4 others. Flower's Shamir sharing
+# and key agreement run in Python and cost linearly in k per client and per round
+# (benchmarks/RESULTS_secagg.md); a larger k resists more colluding neighbours and more dropouts.
+AUTO_SHARES = 5
+
+
 def protocol_sizes(num_sampled: int, settings: SecAggSettings) -> tuple[int, int]:
     """(k, t): the size of each client's neighbourhood (shares, itself included) and the number
     of shares that rebuild a secret. Raises :class:`ConfigError` when the sample is too small."""
@@ -84,7 +90,7 @@ def protocol_sizes(num_sampled: int, settings: SecAggSettings) -> tuple[int, int
             f"more nodes, raise 'fraction-train' / 'min-available-nodes', or set aggregation 'mean'"
         )
     if settings.num_shares == 0:
-        k = min(num_sampled, 2 * math.ceil(math.log2(num_sampled)) + 1)
+        k = min(num_sampled, AUTO_SHARES)
     elif settings.num_shares > num_sampled:
         raise ConfigError(
             f"run config 'secagg-num-shares' = {settings.num_shares} exceeds the {num_sampled} "
