@@ -334,7 +334,7 @@ def test_untested_flower_version_stops_before_round_1(tmp_path, monkeypatch):
     grid = InlineGrid(make_client_app(cfg), NUM_CLIENTS)
     with pytest.raises(ConfigError, match=r"'aggregation' = 'secagg' .* installed flwr is 1\.43\.0"):
         run_server(grid, cfg)
-    assert grid.replies_seen == []
+    assert not grid.replies_seen
 
 
 def test_report_mixtures_in_deployment_needs_the_acknowledgement(tmp_path):
@@ -342,7 +342,7 @@ def test_report_mixtures_in_deployment_needs_the_acknowledgement(tmp_path):
     inner = InlineGrid(make_client_app(cfg), NUM_CLIENTS)
     with pytest.raises(ConfigError, match="'report-mixtures-acknowledged'"):
         run_server(_DeploymentLikeGrid(inner), cfg)
-    assert inner.replies_seen == []
+    assert not inner.replies_seen
     ack = {**cfg, "report-mixtures-acknowledged": True, "run-name": "deploy-ack"}
     inner = InlineGrid(make_client_app(ack), NUM_CLIENTS)
     run_server(_DeploymentLikeGrid(inner), ack)
