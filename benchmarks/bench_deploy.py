@@ -33,8 +33,11 @@ from floral_flwr.deploy.deployment import Deployment  # noqa: E402
 
 
 def _cfg(out: Path, name: str, rounds: int, extra: str) -> str:
+    # one message per client and round ('mean'; secagg sends 4) unless the caller chooses
+    aggregation = "" if "aggregation=" in extra else "aggregation='mean' "
     return (f"task='digits-label-shift' num-server-rounds={rounds} eval-every={rounds} batch-size=16 "
-            f"output-dir='{out}' run-name='{name}' node-wait-timeout=300.0 reply-timeout=600.0 {extra}").strip()
+            f"output-dir='{out}' run-name='{name}' node-wait-timeout=300.0 reply-timeout=600.0 "
+            f"{aggregation}{extra}").strip()
 
 
 def _per_round(run_dir: Path) -> dict:

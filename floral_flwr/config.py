@@ -47,7 +47,7 @@ CONV_METHODS = ("balanced_2d", "balanced", "in", "out")
 ADAPTOR_INITS = ("zero", "official", "centered")
 DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("off", "bf16")
-AGGREGATIONS = ("mean", "sum-only")
+AGGREGATIONS = ("secagg", "mean", "sum-only")
 # robust aggregation (floral_flwr.strategy.robust); trimmed-mean/median need per-client values
 ROBUST_MODES = ("none", "clip", "trimmed-mean", "median")
 PER_CLIENT_ROBUST = ("trimmed-mean", "median")
@@ -108,9 +108,16 @@ DEFAULTS: dict[str, Any] = {
     "server-lr": 1.0,
     "server-momentum": 0.9,
     "proximal-mu": 0.01,
-    # "mean": clients send their states, the server weights and averages; "sum-only": clients
-    # send n_k*base_k, w_k(c)*adaptor_c^k and the weights, the server only sums and divides once
-    "aggregation": "mean",
+    # "secagg": Flower's SecAgg+ over the sum-only payload, the server sees only sums (default);
+    # "mean": clients send their states and n_k p_k in plaintext (fast research mode); "sum-only":
+    # clients send n_k*base_k, w_k(c)*adaptor_c^k and the weights in plaintext, the server sums
+    "aggregation": "secagg",
+    "secagg-clip": 8.0,
+    "secagg-num-shares": 0,
+    "secagg-threshold": 0.6,
+    # per-client mixtures in evaluation replies (clients.csv p columns, the heatmap): reveals p_k
+    "report-mixtures": False,
+    "report-mixtures-acknowledged": False,
     # baselines and clients that never train
     "holdout-clients": 0.0,
     "adapt-steps": 20,
@@ -172,7 +179,12 @@ KEY_HELP: dict[str, str] = {
     "server-lr": "server learning rate (FedAvgM, FedOpt)",
     "server-momentum": "FedAvgM momentum",
     "proximal-mu": "FedProx mu",
-    "aggregation": "mean, or sum-only (the form secure aggregation needs)",
+    "aggregation": "secagg (Flower's SecAgg+: the server sees only sums), mean (reveals n_k p_k) or sum-only (plaintext sums)",
+    "secagg-clip": "secagg: public bound on every masked value (|x| > clip drops that reply)",
+    "secagg-num-shares": "secagg: SecAgg+ neighbourhood size; 0 = min(N, 5), else odd >= 3",
+    "secagg-threshold": "secagg: fraction of a neighbourhood needed to unmask (0.5, 1]",
+    "report-mixtures": "evaluation replies carry each client's mixture p_k (clients.csv, heatmap)",
+    "report-mixtures-acknowledged": "deployment: the operator accepts that report-mixtures reveals p_k",
     "holdout-clients": "fraction of clients that never train (zero-shot vs adapted metrics)",
     "adapt-steps": "local steps to fit what is personal at evaluation",
     "ditto-lambda": "Ditto's proximal weight",
@@ -235,6 +247,11 @@ class RunConfig:
     server_momentum: float
     proximal_mu: float
     aggregation: str
+    secagg_clip: float
+    secagg_num_shares: int
+    secagg_threshold: float
+    report_mixtures: bool
+    report_mixtures_acknowledged: bool
     holdout_clients: float
     adapt_steps: int
     ditto_lambda: float
@@ -408,6 +425,19 @@ def _as_text(allowed: str, ok: Callable[[str], bool]) -> Callable[[str, Any], st
     return read
 
 
+def _as_num_shares(key: str, value: Any) -> int:
+    """secagg-num-shares: 0 (automatic) or an odd integer >= 3 (SecAgg+ neighbourhoods are
+    symmetric around a client, so their size is odd)."""
+    allowed = "0 (automatic: min(N, 5)) or an odd integer >= 3"
+    try:
+        n = _as_int(key, value, 0)
+    except ConfigError:
+        raise _err(key, value, allowed) from None
+    if n != 0 and (n < 3 or n % 2 == 0):
+        raise _err(key, value, allowed)
+    return n
+
+
 # The values a key may take when it is a closed set (validation, suggestions and `list keys`).
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
@@ -465,6 +495,11 @@ READERS: dict[str, Callable[[str, Any], Any]] = {
     "server-momentum": lambda k, v: _as_float(k, v, 0.0, 1.0),
     "proximal-mu": lambda k, v: _as_float(k, v, 0.0),
     "aggregation": _choice("aggregation"),
+    "secagg-clip": lambda k, v: _as_float(k, v, 1.0),
+    "secagg-num-shares": _as_num_shares,
+    "secagg-threshold": lambda k, v: _as_float(k, v, 0.5, 1.0, lo_open=True),
+    "report-mixtures": _as_bool,
+    "report-mixtures-acknowledged": _as_bool,
     "holdout-clients": lambda k, v: _as_float(k, v, 0.0, 0.9),
     "adapt-steps": lambda k, v: _as_int(k, v, 0),
     "ditto-lambda": lambda k, v: _as_float(k, v, 0.0),
@@ -602,6 +637,13 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
             f"run config 'robust' = {cfg.robust!r} cannot be combined with 'aggregation' = "
             f"{cfg.aggregation!r}: a trimmed mean or median needs each client's values, and that "
             f"mode gives the server only sums; use robust 'clip' or 'none', or aggregation 'mean'"
+        )
+    if cfg.robust == "clip" and cfg.aggregation == "secagg":
+        raise ConfigError(
+            "run config 'robust' = 'clip' cannot be combined with 'aggregation' = 'secagg': the server "
+            "sees only the masked sum, so it cannot clip one client's update; under secagg every masked "
+            "value is bounded by 'secagg-clip' instead (docs/security.md); use robust 'none' with secagg, "
+            "or aggregation 'mean' / 'sum-only' with robust 'clip'"
         )
     if cfg.prob_floor * cfg.num_adaptors > 1.0:
         raise _err(

@@ -5,12 +5,14 @@
 - ``config.json``   resolved run config and provenance: package versions, host (CPUs, torch
                     threads, CUDA devices), source revision (git, else a hash of the app's files)
 - ``rounds.csv``    one row per round
-- ``clients.csv``   one row per (evaluation round, client)
+- ``clients.csv``   one row per (evaluation round, client); the mixture columns ``p0..`` only
+                    with run config ``report-mixtures`` (else no client's mixture is known here)
 - ``summary.json``  final metrics, wall time, parameter report, communication per round
 - ``checkpoint/``   ``state.npz`` (global arrays), ``optimizer.npz`` (server optimizer),
                     ``meta.json`` (round, rng, wall time); written atomically every round
 - ``plots/``        ``metric.png`` (personalized metric per round), ``loss.png``,
-                    ``mixtures.png`` (clients x adaptors heatmap sorted by true cluster)
+                    ``mixtures.png`` (clients x adaptors heatmap sorted by true cluster; only
+                    with ``report-mixtures``)
 - ``events.out.tfevents.*`` TensorBoard scalars per round (metric, worst 10 %, ARI, train loss,
                     bytes), only when ``tensorboard`` is installed (``pip install tensorboard``)
 
@@ -178,7 +180,9 @@ class RunRecorder:
         }
         self._append("rounds.csv", ROUND_FIELDS, [row])
         if stats.eval_rows:
-            mix_cols = [f"p{c}" for c in range(num_adaptors)]
+            # p columns only when clients reported their mixtures (run config report-mixtures)
+            reported = any(r.get("mixture") for r in stats.eval_rows)
+            mix_cols = [f"p{c}" for c in range(num_adaptors)] if reported else []
             fields = ["round", "client-id", "true-cluster", m, "loss", "num-examples", *mix_cols]
             rows = []
             for r in stats.eval_rows:

@@ -2,13 +2,15 @@
 
 Everything that can be wrong with the configuration (bad keys or values, an unknown task, a
 method that needs clusters the task lacks, a simulated federation with fewer SuperNodes than
-the task has clusters, an unwritable output directory, ``resume=true`` with no checkpoint) is
-detected here, before round 1 and before the run directory is created, and reported as one
-:class:`ConfigError` line. In simulation (``flwr run``) the ServerApp then prints that line and
-returns instead of raising, so that it is the last thing a ``flwr run --stream`` user reads
-(Flower would print a traceback and an exit-code banner after it); ``launch`` recognises the
-line (:data:`STOPPED`) and exits non-zero. In deployment the error is raised as before, so the
-run's status is ``failed``.
+the task has clusters, an unwritable output directory, ``resume=true`` with no checkpoint, secure
+aggregation on an untested Flower or with too few clients, per-client mixtures requested in a
+deployment without the acknowledgement) is detected here, before round 1 and (all but the
+client count of secure aggregation, known in round 1) before the run directory is created, and
+reported as one :class:`ConfigError` line. In simulation (``flwr run``) the ServerApp then
+prints that line and returns instead of raising, so that it is the last thing a
+``flwr run --stream`` user reads (Flower would print a traceback and an exit-code banner after
+it); ``launch`` recognises the line (:data:`STOPPED`) and exits non-zero. In deployment the
+error is raised as before, so the run's status is ``failed``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,8 +37,11 @@ from floral_flwr.rundir import (Checkpoints, CheckpointWriteError, NonFiniteStat
                                finished_summary)
 from floral_flwr.strategy.bounds import ExampleCaps
 from floral_flwr.strategy.floral_strategy import FloralStrategy
+from floral_flwr.strategy.masked_sum import check_flower_version
 from floral_flwr.strategy.nodes import ClientSetupError
 from floral_flwr.strategy.optimizers import build_strategy
+from floral_flwr.strategy.secagg import SecAggSettings
+from floral_flwr.strategy.secure_rounds import SecureOptions
 from floral_flwr.wire import to_array
 
 logger = logging.getLogger("floral_flwr")
@@ -137,6 +143,8 @@ def prepare_run(cfg: RunConfig, grid: Grid | None = None) -> tuple[Any, Any, Run
         check_method_task(cfg, task.num_clusters)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if cfg.aggregation == "secagg":
+        check_flower_version()
     if grid is not None:
         check_simulated_federation(grid, cfg, task.num_clusters)
     handle = build_handle(cfg, task.build_model)
@@ -177,6 +185,25 @@ def example_caps(cfg: RunConfig) -> ExampleCaps:
     return ExampleCaps(cfg.max_examples, lambda n: partition_sizes(cfg.task, n, cfg.seed))
 
 
+def is_simulated(grid: Grid) -> bool:
+    """The simulation engine's grid or the in-process one: every node runs on this machine, set
+    up by whoever runs the server. Anything else (a SuperLink's HttpGrid) is a deployment."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid) or bool(getattr(grid, "simulated", False))
+
+
+def check_mixture_reporting(cfg: RunConfig, grid: Grid) -> None:
+    """``report-mixtures`` sends every client's p_k to the server: in a deployment only with the
+    operator's explicit acknowledgement."""
+    if cfg.report_mixtures and not cfg.report_mixtures_acknowledged and not is_simulated(grid):
+        raise ConfigError(
+            "run config 'report-mixtures' = true sends every client's mixture p_k to the server in "
+            "plaintext; in a deployment it needs 'report-mixtures-acknowledged' = true as well "
+            "(allowed: report-mixtures = false, or both true)"
+        )
+
+
 def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
                   train_config: ConfigRecord, cfg: RunConfig) -> int:
     """Ask every client to save its personalized (merged) model on its own side."""
@@ -202,25 +229,47 @@ def load_state_for_export(recorder: RunRecorder) -> ArrayRecord:
     return ArrayRecord({k: to_array(v) for k, v in recorder.latest_state().items()})
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Run the whole federation; returns the summary that is also written to summary.json."""
+def is_simulated(grid: Grid) -> bool:
+    """The simulation engine's grid or the in-process one: every node runs on this machine, set
+    up by whoever runs the server. Anything else (a SuperLink's HttpGrid) is a deployment."""
+    return is_simulation(grid) or bool(getattr(grid, "simulated", False))
+
+
+def check_mixture_reporting(cfg: RunConfig, grid: Grid) -> None:
+    """``report-mixtures`` sends every client's p_k to the server: in a deployment only with the
+    operator's explicit acknowledgement."""
+    if cfg.report_mixtures and not cfg.report_mixtures_acknowledged and not is_simulated(grid):
+        raise ConfigError(
+            "run config 'report-mixtures' = true sends every client's mixture p_k to the server in "
+            "plaintext; in a deployment it needs 'report-mixtures-acknowledged' = true as well "
+            "(allowed: report-mixtures = false, or both true)"
+        )
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any],
+               round_hook: Callable[[int, FloralStrategy], None] | None = None) -> dict[str, Any]:
+    """Run the whole federation; returns the summary that is also written to summary.json.
+    ``round_hook(round, strategy)`` runs after each round's checkpoint (benchmarks read
+    ``strategy.stats`` there)."""
     chatter = _DropRoundChatter()
     logging.getLogger("flwr").addFilter(chatter)
     try:
-        return _run_server(grid, run_config)
+        return _run_server(grid, run_config, round_hook)
     finally:
         logging.getLogger("flwr").removeFilter(chatter)
 
 
-def _run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+def _run_server(grid: Grid, run_config: Mapping[str, Any],
+                round_hook: Callable[[int, FloralStrategy], None] | None) -> dict[str, Any]:
     cfg = parse_run_config(run_config)
+    check_mixture_reporting(cfg, grid)
     task, handle, recorder = prepare_run(cfg, grid)
     try:
         if recorder.finished is not None:
             recorder.say(f"{recorder.run_dir} already finished its {cfg.num_server_rounds} rounds: "
                          f"nothing to do (summary.json kept)")
             return recorder.finished
-        return _run_prepared(grid, cfg, task, handle, recorder)
+        return _run_prepared(grid, cfg, task, handle, recorder, round_hook)
     except (RunFailed, NonFiniteState, CheckpointWriteError) as exc:
         log(logging.ERROR, "[%s] run stopped: %s", cfg.method, exc)
         raise
@@ -228,7 +277,8 @@ def _run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         recorder.run_lock.release()
 
 
-def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: RunRecorder) -> dict[str, Any]:
+def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: RunRecorder,
+                  round_hook: Callable[[int, FloralStrategy], None] | None) -> dict[str, Any]:
     run_dir = recorder.run_dir
     recorder.say(provenance_line(recorder.provenance))
     recorder.say(f"{cfg.task} | {cfg.method} | seed {cfg.seed} | {cfg.num_server_rounds} rounds | "
@@ -254,6 +304,9 @@ def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: 
     )
     strategy.sum_only = cfg.aggregation == "sum-only"
     strategy.set_robustness(cfg.robust, cfg.clip_norm, cfg.trim_fraction, caps=example_caps(cfg))
+    if cfg.aggregation == "secagg":
+        strategy.secure = SecureOptions(SecAggSettings.from_config(cfg), num_clusters=int(task.num_clusters or 0),
+                                        has_mixture=handle.mixture() is not None)
     start_round = 1
     arrays = initial
     if cfg.resume:
@@ -293,6 +346,8 @@ def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: 
         state = {k: a.numpy() for k, a in new_arrays.items()}
         # the latest evaluation summary rides along: a resume after the last round keeps it
         recorder.save_checkpoint(rnd, state, strat.optimizer_state(), {"seed": cfg.seed, "final": recorder.final})
+        if round_hook is not None:
+            round_hook(rnd, strat)
 
     if start_round > cfg.num_server_rounds:
         recorder.say(f"nothing to do: checkpoint is at round {start_round - 1}")

@@ -237,7 +237,7 @@ def test_oracle_mixtures_stay_fixed(tmp_path):
 
     for method in ("ensemble-oracle", "floral-oracle"):
         cfg = {"task": "digits-label-shift", "method": method, "num-server-rounds": 2, "eval-every": 1,
-               "output-dir": str(tmp_path), "run-name": method}
+               "output-dir": str(tmp_path), "run-name": method, "report-mixtures": True}
         summary, _ = run_inline(cfg, 4)
         assert summary["failures"] == 0 and summary["rejected"] == 0
         rows = list(csv.DictReader((tmp_path / method / "clients.csv").open()))

@@ -133,7 +133,8 @@ def test_client_setup_is_built_once_and_reused_across_rounds_and_clients():
     from floral_flwr.methods import build_handle
     from floral_flwr.tasks import get_task
 
-    run = {"task": "digits-label-shift", "num-adaptors": 4, "batch-size": 32, "persist-client-state": False}
+    run = {"task": "digits-label-shift", "num-adaptors": 4, "batch-size": 32, "persist-client-state": False,
+           "aggregation": "mean"}
     cfg = parse_run_config(run)
     handle = build_handle(cfg, get_task(cfg.task, num_clients=6, seed=0).build_model)
     arrays = ArrayRecord({k: Array(v.detach().numpy()) for k, v in handle.shared_state_dict().items()})

@@ -1,7 +1,8 @@
 """FedAvg: one global model (McMahan et al., AISTATS 2017, arXiv 1602.05629).
 
 - Federated: every parameter and buffer of the task model, weighted by n_k.
-- Private: nothing (the plain :class:`~floral_flwr.methods.base.ModelHandle`).
+- Private: nothing (the plain :class:`~floral_flwr.methods.base.ModelHandle`). Each client's
+  update is in plaintext under ``'mean'``, only its sum is unmasked under ``'secagg'``.
 - Holdout clients: zero-shot = adapted = the global model (nothing personal to fit).
 """
 

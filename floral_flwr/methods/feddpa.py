@@ -12,7 +12,10 @@ backbone, so the adaptation is:
   base(x) + alpha (w_g A_g(x) + w_l A_l(x)));
 - shared (federated, n_k-weighted mean; the official code averages uniformly): the **base**
   (which the original keeps frozen: ours has to be learned federatedly) + the global adaptor
-  (wire key ``adaptor.*`` with leading dim 1); private: the local adaptor (``dpa.*``);
+  (wire key ``adaptor.*`` with leading dim 1); private: the local adaptor (``dpa.*``), never in a
+  reply in any ``aggregation`` mode, and its fixed/instance-wise weights are not a per-client
+  mixture (the wire weight is n_k); the shared update is per client under ``'mean'``, summed
+  under ``'secagg'``;
 - client round: (1) local phase, ``local-epochs`` of SGD on the local adaptor only, with the
   global branch frozen and p = [1 - a, a], a = 0.5 (the code's ``local_weight``); (2) global
   phase, ``local-epochs`` of SGD on base + global adaptor alone (p = [1, 0]), as FedIT. FedProx's

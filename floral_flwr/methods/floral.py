@@ -7,11 +7,16 @@ adaptors; each client owns a mixture vector (C logits, p = softmax), and a layer
 
 - Federated: the base, weighted by n_k (FedAvg); adaptor c, weighted by n_k * p_k(c) (the
   paper's p(k|c) rule, :mod:`floral_flwr.strategy.aggregate`).
-- Private: the mixture logits (``mixture.logits``), never sent (the reply carries only the
-  per-adaptor weights w_k(c) = n_k * p_k(c) the rule needs; under ``aggregation='sum-only'``
-  those are folded into sums).
+- Private: the mixture logits (``mixture.logits``), never sent.
+- What the server learns of p_k: under ``aggregation='secagg'`` (the default) nothing per client:
+  the weights w_k(c) = n_k p_k(c) and the weighted adaptor updates are inside the SecAgg+ mask
+  and only their sums over clients are unmasked (docs/privacy.md). Under ``'mean'`` and
+  ``'sum-only'`` every train reply carries ``adaptor-weights`` = n_k p_k in plaintext (p_k is
+  recovered exactly) and, in ``'mean'``, the trained adaptors; ``'mean'`` evaluation replies also
+  carry argmax_c p_k(c). Evaluation replies carry p_k itself only with ``report-mixtures``.
 - ``floral-oracle``: the mixture fixed one-hot at the client's true cluster (logits frozen), the
-  upper reference of the paper's tables.
+  upper reference of the paper's tables (its weights n_k 1[c = cluster_k] reveal the true cluster
+  in ``'mean'``; masked under ``'secagg'``).
 - Holdout clients fit only their C logits (``adapt``).
 """
 
@@ -110,7 +115,7 @@ register(MethodSpec(
     uses_adaptors=True,
     build=_build_floral,
     federated="base (weights n_k) and the C adaptors (weights n_k p_k(c))",
-    private="the mixture logits",
+    private="the mixture logits (n_k p_k in plaintext under 'mean', masked under 'secagg')",
 ))
 register(MethodSpec(
     "floral-oracle",

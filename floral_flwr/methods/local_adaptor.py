@@ -6,7 +6,9 @@ federated. Personalization = one private low-rank edit per client, with no shari
 similar clients.
 
 - Federated: the base, weighted by n_k (FedAvg).
-- Private: the adaptor bank (``adaptor.*``) and its (fixed) one-adaptor mixture.
+- Private: the adaptor bank (``adaptor.*``) and its (fixed) one-adaptor mixture; never in a reply,
+  in any ``aggregation`` mode (the base update: per client under ``'mean'``, summed under
+  ``'secagg'``).
 - Holdout clients fit their private adaptor (shared base frozen).
 """
 

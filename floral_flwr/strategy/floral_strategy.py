@@ -11,7 +11,10 @@ round delegates to a short module of its own:
   per-cluster means, cluster ARI, holdout clients);
 - :mod:`.optimizer_state`: the server optimizer's moments for the checkpoint, and the dtype pin;
 - :mod:`.round_stats`: the per-round bookkeeping the results recorder reads;
-- :mod:`.optimizers`: composition with Flower's server optimizers and ``build_strategy``.
+- :mod:`.optimizers`: composition with Flower's server optimizers and ``build_strategy``;
+- :mod:`.secure_rounds`: under ``aggregation='secagg'`` (``self.secure`` set), the train step is
+  one SecAgg+ exchange whose unmasked sum becomes the aggregate (:mod:`.secagg`,
+  :mod:`.masked_sum`), and the cluster ARI comes from a securely summed contingency table.
 
 A run stops loudly (:class:`~floral_flwr.rundir.RunFailed`, one message naming the round and the
 first cause) when a round accepts no reply, and a global state with NaN/Inf is never adopted
@@ -41,6 +44,13 @@ from floral_flwr.strategy.optimizer_state import (DtypePin, hold_unused_slices, 
 from floral_flwr.strategy.robust import make_accumulator
 from floral_flwr.strategy.replies import fold_train_replies, record_nbytes, report_unanswered
 from floral_flwr.strategy.round_stats import RoundStats
+from floral_flwr.strategy.secure_rounds import (
+    SecureOptions,
+    aggregate_secure,
+    secure_ari,
+    secure_train_exchange,
+    wants_secure_ari,
+)
 from floral_flwr.wire import from_array, to_array
 
 TRAIN_SALT, EVALUATE_SALT = 0, 1  # separate seeded samples for the train and evaluate phases
@@ -123,6 +133,10 @@ class FloralStrategy(FedAvg):
         self.node_wait_timeout = float(node_wait_timeout)
         # run config aggregation = "sum-only": replies carry n_k*base_k and w_k(c)*adaptor_c^k
         self.sum_only = bool(getattr(self, "sum_only", False))
+        # run config aggregation = "secagg": set by the ServerApp (floral_flwr.server)
+        self.secure: SecureOptions | None = getattr(self, "secure", None)
+        self._pending_secure = None  # the secure exchange of the round being aggregated
+        self._first_round = 1
         self.clients = ClientDirectory()
         self.robust, self.clip_norm, self.trim_fraction = "none", 0.0, 0.2
         self._first_cause = ""
@@ -158,6 +172,7 @@ class FloralStrategy(FedAvg):
         """Flower's round loop, plus ``start_round`` (resume) and an ``on_round_end`` hook."""
         log(INFO, "Starting %s: rounds %d..%d", type(self).__name__, start_round, num_rounds)
         self.num_rounds = num_rounds
+        self._first_round = start_round
         result = Result()
         result.arrays = initial_arrays
         arrays = initial_arrays
@@ -178,13 +193,19 @@ class FloralStrategy(FedAvg):
 
     def _train_round(self, rnd: int, arrays: ArrayRecord, grid: Grid, train_config: ConfigRecord | None,
                      timeout: float, result: Result) -> ArrayRecord:
-        """Configure, send, aggregate; the new global state. Raises RunFailed when no reply was
-        accepted and NonFiniteState when the new state (after the server optimizer) is not finite."""
-        replies = grid.send_and_receive(
-            self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid),
-            timeout=timeout,
-        )
+        """Configure, send, aggregate; the new global state. Under secagg the replies are the
+        SecAgg+ exchange's sum (:mod:`.secure_rounds`). Raises RunFailed when no reply was accepted
+        and NonFiniteState when the new state (after the server optimizer) is not finite."""
         moments = snapshot_moments(self)
+        if self.secure is not None:
+            self._pending_secure = secure_train_exchange(self, rnd, arrays, grid, train_config,
+                                                         first_round=rnd == self._first_round)
+            replies: Iterable[Message] = []
+        else:
+            replies = grid.send_and_receive(
+                self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid),
+                timeout=timeout,
+            )
         new_arrays, train_metrics = self.aggregate_train(rnd, replies)
         if new_arrays is None:
             raise RunFailed(self._nothing_accepted(rnd))
@@ -213,6 +234,10 @@ class FloralStrategy(FedAvg):
         eval_msgs = list(self.configure_evaluate(rnd, arrays, config, grid))
         if eval_msgs:
             eval_metrics = self.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=timeout))
+            if eval_metrics is not None and wants_secure_ari(self):
+                ari = secure_ari(self, grid, rnd, config)
+                if ari is not None:
+                    self.stats.eval_summary["cluster-ari"] = eval_metrics["cluster-ari"] = ari
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics
 
@@ -246,7 +271,11 @@ class FloralStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, then fold the good ones into the p(k|c) accumulator."""
+        """Validate each reply, then fold the good ones into the p(k|c) accumulator (under
+        secagg: decode the exchange's sum instead; Flower's optimizers wrap either)."""
+        if self._pending_secure is not None:
+            exchange, self._pending_secure = self._pending_secure, None
+            return aggregate_secure(self, server_round, exchange)
         assert self._template is not None, "configure_train must run before aggregate_train"
         t_start = time.perf_counter()
         acc = make_accumulator(self._template, self.num_adaptors, self.robust, self.clip_norm, self.trim_fraction)

@@ -217,6 +217,9 @@ def validate_eval_metrics(
         out["client-id"] = check_client_id(metrics["client-id"])
     if "true-cluster" in metrics:
         out["true-cluster"] = check_integer("true-cluster", metrics["true-cluster"], -1)
+    if "assigned-adaptor" in metrics:  # 'mean' mode's argmax adaptor (the cluster ARI)
+        out["assigned-adaptor"] = check_integer("assigned-adaptor", metrics["assigned-adaptor"], 0,
+                                                max(int(num_adaptors) - 1, 0))
     if "holdout" in metrics:  # clients that never trained (holdout-clients)
         out["holdout"] = check_integer("holdout", metrics["holdout"], 0, 1)
     if "adapt-steps" in metrics:
