@@ -29,8 +29,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from floral_flwr.config import METHODS, ConfigError, RunConfig, parse_run_config, resolve_output_dir
+from floral_flwr.federation import check_mixture_reporting, check_simulated_federation, is_simulation  # noqa: F401 - re-exported
 from floral_flwr.methods import build_handle, check_method_task
-from floral_flwr.preflight import min_clients, too_few_clients
 from floral_flwr.provenance import provenance, provenance_line
 from floral_flwr.results import RunRecorder
 from floral_flwr.rundir import (Checkpoints, CheckpointWriteError, NonFiniteState, RunFailed, claim_run_dir,
@@ -56,40 +56,6 @@ class _DropRoundChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno == logging.INFO and isinstance(record.msg, str)
                     and record.msg.startswith(_ROUND_CHATTER))
-
-
-def is_simulation(grid: Grid) -> bool:
-    """True for the grid of Flower's simulation engine (``flwr run`` on a simulation SuperLink)."""
-    try:
-        from flwr.superlink.grid import InMemoryGrid
-    except ImportError:  # pragma: no cover - other flwr layouts
-        return type(grid).__name__ == "InMemoryGrid"
-    return isinstance(grid, InMemoryGrid)
-
-
-def _settled_node_count(grid: Grid, timeout: float) -> int:
-    """The number of simulated nodes once registration has settled. The simulation engine
-    registers all its nodes in one go, just after it starts the ServerApp's thread."""
-    deadline = time.monotonic() + timeout
-    last = -1
-    while True:
-        n = len(list(grid.get_node_ids()))
-        if (n > 0 and n == last) or time.monotonic() > deadline:
-            return n
-        last = n
-        time.sleep(0.25)
-
-
-def check_simulated_federation(grid: Grid, cfg: RunConfig, task_clusters: int | None) -> None:
-    """In simulation every SuperNode is one client: stop before round 1 when there are fewer
-    than the task's clusters (Flower's default federation has 2 SuperNodes)."""
-    if not is_simulation(grid):
-        return  # deployment: nodes come and go; each node's num-partitions sizes its task
-    need = min_clients(task_clusters)
-    have = _settled_node_count(grid, min(cfg.node_wait_timeout, 30.0))
-    if have < need:
-        raise ConfigError(too_few_clients(
-            cfg.task, need, f"this federation has {have} simulated SuperNode{'s' * (have != 1)}"))
 
 
 def _after_engine_start(timeout: float = 15.0, no_ray_after: float = 3.0) -> None:
@@ -185,25 +151,6 @@ def example_caps(cfg: RunConfig) -> ExampleCaps:
     return ExampleCaps(cfg.max_examples, lambda n: partition_sizes(cfg.task, n, cfg.seed))
 
 
-def is_simulated(grid: Grid) -> bool:
-    """The simulation engine's grid or the in-process one: every node runs on this machine, set
-    up by whoever runs the server. Anything else (a SuperLink's HttpGrid) is a deployment."""
-    from flwr.superlink.grid import InMemoryGrid
-
-    return isinstance(grid, InMemoryGrid) or bool(getattr(grid, "simulated", False))
-
-
-def check_mixture_reporting(cfg: RunConfig, grid: Grid) -> None:
-    """``report-mixtures`` sends every client's p_k to the server: in a deployment only with the
-    operator's explicit acknowledgement."""
-    if cfg.report_mixtures and not cfg.report_mixtures_acknowledged and not is_simulated(grid):
-        raise ConfigError(
-            "run config 'report-mixtures' = true sends every client's mixture p_k to the server in "
-            "plaintext; in a deployment it needs 'report-mixtures-acknowledged' = true as well "
-            "(allowed: report-mixtures = false, or both true)"
-        )
-
-
 def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
                   train_config: ConfigRecord, cfg: RunConfig) -> int:
     """Ask every client to save its personalized (merged) model on its own side."""
@@ -227,23 +174,6 @@ def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
 
 def load_state_for_export(recorder: RunRecorder) -> ArrayRecord:
     return ArrayRecord({k: to_array(v) for k, v in recorder.latest_state().items()})
-
-
-def is_simulated(grid: Grid) -> bool:
-    """The simulation engine's grid or the in-process one: every node runs on this machine, set
-    up by whoever runs the server. Anything else (a SuperLink's HttpGrid) is a deployment."""
-    return is_simulation(grid) or bool(getattr(grid, "simulated", False))
-
-
-def check_mixture_reporting(cfg: RunConfig, grid: Grid) -> None:
-    """``report-mixtures`` sends every client's p_k to the server: in a deployment only with the
-    operator's explicit acknowledgement."""
-    if cfg.report_mixtures and not cfg.report_mixtures_acknowledged and not is_simulated(grid):
-        raise ConfigError(
-            "run config 'report-mixtures' = true sends every client's mixture p_k to the server in "
-            "plaintext; in a deployment it needs 'report-mixtures-acknowledged' = true as well "
-            "(allowed: report-mixtures = false, or both true)"
-        )
 
 
 def run_server(grid: Grid, run_config: Mapping[str, Any],

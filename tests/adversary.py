@@ -33,7 +33,9 @@ from floral_flwr.wire import to_array
 
 NUM_CLIENTS = 6
 RUN: dict[str, Any] = {"task": "digits-label-shift", "batch-size": 16, "num-adaptors": 4,
-                       "min-available-nodes": 1, "persist-client-state": False, "mixture-lr": 2.0}
+                       "min-available-nodes": 1, "persist-client-state": False, "mixture-lr": 2.0,
+                       # the plaintext wire (one reply per client), which these attacks replace
+                       "aggregation": "mean"}
 POISON = 5.0  # every float the attacker sends in a takeover attempt
 
 

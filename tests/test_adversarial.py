@@ -120,8 +120,9 @@ def test_clip_bounds_a_boosted_client_under_sum_only_too():
 
 
 def _cfg(tmp_path, name, **kw):
+    # the plaintext wire: these attacks replace single replies, which the server sees only there
     return {"task": "synthetic-linear", "num-server-rounds": 3, "eval-every": 1, "output-dir": str(tmp_path),
-            "run-name": name, "min-available-nodes": 1, **kw}
+            "run-name": name, "min-available-nodes": 1, "aggregation": "mean", **kw}
 
 
 def test_a_run_that_trains_nothing_stops_loudly_naming_the_cause(tmp_path):
