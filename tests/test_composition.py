@@ -23,7 +23,7 @@ def test_unused_adaptors_do_not_move_and_keep_their_moments(optimizer):
     # round, two adaptors get no weight in every round, a different two from round to round
     run = {"task": "digits-label-shift", "method": "floral-oracle", "batch-size": 16, "num-adaptors": 4,
            "fraction-train": 0.5, "min-available-nodes": 1, "persist-client-state": False,
-           "server-optimizer": optimizer, "server-lr": 0.05}
+           "server-optimizer": optimizer, "server-lr": 0.05, "aggregation": "mean"}
     cfg = parse_run_config(run)
     handle = build_handle(cfg, task_info(cfg.task).build_model)
     initial = {k: v.detach().numpy().copy() for k, v in handle.shared_state_dict().items()}

@@ -134,7 +134,7 @@ def _client_round(node: dict, config: dict, pid: int = 1):
     from floral_flwr.tasks import get_task
     from floral_flwr.wire import to_array
 
-    run = {"task": "digits-label-shift", "batch-size": 16, "mixture-lr": 5.0}
+    run = {"task": "digits-label-shift", "batch-size": 16, "mixture-lr": 5.0, "aggregation": "mean"}
     cfg = parse_run_config(run)
     handle = build_handle(cfg, get_task(cfg.task, num_clients=8, seed=0).build_model)
     arrays = ArrayRecord({k: to_array(v.detach().numpy()) for k, v in handle.shared_state_dict().items()})

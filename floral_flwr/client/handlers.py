@@ -202,11 +202,11 @@ class LocalRound:
 
 
 def train_once(context: Context, config: ConfigRecord, shared: ArrayRecord,
-               run_config: Mapping[str, Any] | None = None) -> LocalRound:
+               run_config: Mapping[str, Any] | None = None, setup: ClientSetup | None = None) -> LocalRound:
     """Load the global state and this client's private state, train one round, save the private
     state. Used by the plaintext reply (:func:`handle_train`) and the secure one
-    (:mod:`floral_flwr.client.secure`)."""
-    setup = get_setup(context, run_config)
+    (:mod:`floral_flwr.client.secure`). ``setup``: the caller's, when it already looked it up."""
+    setup = setup or get_setup(context, run_config)
     cfg = setup.cfg
     cid, _ = client_identity(context)
     rnd = int(config["server-round"])
@@ -245,7 +245,8 @@ def train_once(context: Context, config: ConfigRecord, shared: ArrayRecord,
 def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
     """A plaintext train reply ('mean' / 'sum-only'): the trained shared state and, with
     adaptors, the weights w_k(c) = n_k p_k(c) in the metrics."""
-    cfg = get_setup(context, run_config).cfg
+    setup = get_setup(context, run_config)
+    cfg = setup.cfg
     if cfg.aggregation == "secagg":
         # the client, not only the server, holds the line: no plaintext update under secagg
         raise PermissionError(
@@ -253,7 +254,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
             "secure aggregation, but got a plaintext train request (allowed for plaintext replies: "
             "aggregation 'mean' or 'sum-only')"
         )
-    local = train_once(context, msg.content["config"], msg.content["arrays"], run_config)
+    local = train_once(context, msg.content["config"], msg.content["arrays"], run_config, setup)
     metrics = local.metrics
     if local.adaptor_weights is not None:
         metrics["adaptor-weights"] = local.adaptor_weights
