@@ -19,11 +19,14 @@ spelling (``difflib``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+from floral_flwr.config_values import (  # noqa: F401 - re-exported: callers import them from here
+    RANK_WORDS, ConfigError, _as_bool, _as_choice, _as_float, _as_int, _as_rank, _as_text, _as_trim_fraction,
+    _err, _hint, is_valid_run_name, nearest,
+)
 
 # Names of the choices are kept here (not imported from the strategy/method modules) so that
 # validating a config never imports torch or flwr.
@@ -189,10 +192,6 @@ KEY_HELP: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
-    """A run-config value is missing, of the wrong type or out of range."""
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """The validated run config. Attribute names are the keys with '-' -> '_'."""
@@ -266,147 +265,7 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# typed readers: each raises ConfigError naming the key, the value and what is allowed
-
-
-def nearest(word: Any, choices: Any) -> str | None:
-    """The closest spelling of ``word`` among ``choices`` (difflib), or None."""
-    if not isinstance(word, str):
-        return None
-    found = difflib.get_close_matches(word.strip(), [str(c) for c in choices], n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
-def _hint(word: Any, choices: Any) -> str:
-    near = nearest(word, choices)
-    return f"; did you mean {near!r}?" if near is not None else ""
-
-
-def _err(key: str, value: Any, allowed: str, hint: str = "") -> ConfigError:
-    return ConfigError(f"run config '{key}' = {value!r} is invalid: allowed {allowed}{hint}")
-
-
-def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise _err(key, value, "true or false", _hint(value, ("true", "false")))
-
-
-def _as_int(key: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise _err(key, value, "an integer")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise _err(key, value, "an integer") from None
-    if not isinstance(value, int):
-        raise _err(key, value, "an integer")
-    rng = _range_text(lo, hi)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _err(key, value, f"an integer {rng}")
-    return value
-
-
-def _as_float(
-    key: str,
-    value: Any,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-) -> float:
-    if isinstance(value, bool):
-        raise _err(key, value, "a number")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise _err(key, value, "a number") from None
-    if not isinstance(value, (int, float)):
-        raise _err(key, value, "a number")
-    value = float(value)
-    rng = _range_text(lo, hi, lo_open)
-    if not math.isfinite(value):
-        raise _err(key, value, f"a finite number {rng}".strip())
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise _err(key, value, f"a number {rng}")
-    if hi is not None and value > hi:
-        raise _err(key, value, f"a number {rng}")
-    return value
-
-
-def _range_text(lo: Any, hi: Any, lo_open: bool = False) -> str:
-    if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo}, {hi}]"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo}"
-    if hi is not None:
-        return f"<= {hi}"
-    return ""
-
-
-def is_valid_run_name(name: Any) -> bool:
-    """A run name is one directory name inside ``output-dir``: no separators, no ``.``/``..``,
-    no hidden name, no control characters; ``""`` (automatic) is valid."""
-    if not isinstance(name, str):
-        return False
-    if name == "":
-        return True
-    return (len(name) <= 200 and not name.startswith(".") and name.strip() == name
-            and not any(c in name for c in "/\\:") and all(c.isprintable() for c in name))
-
-
-def _as_trim_fraction(key: str, value: Any) -> float:
-    """trim-fraction: the weight removed from each end, in [0, 0.5)."""
-    beta = _as_float(key, value, 0.0, 0.5)
-    if beta >= 0.5:
-        raise _err(key, value, "a number in [0, 0.5) (0.5 would trim everything: use robust 'median')")
-    return beta
-
-
-def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise _err(key, value, "one of " + ", ".join(repr(c) for c in choices), _hint(value, choices))
-    return value
-
-
-RANK_WORDS = ("sqrt", "log", "full")
-_RANK_ALLOWED = "an int >= 1, a float in (0, 1], 'sqrt', 'log' or 'full'"
-
-
-def _as_rank(key: str, value: Any) -> float | int | str:
-    """rank: int >= 1 (absolute), float in (0, 1] (relative budget rho), or sqrt/log/full."""
-    if isinstance(value, str):
-        s = value.strip()
-        if s in RANK_WORDS:
-            return s
-        try:
-            value = float(s)
-        except ValueError:
-            raise _err(key, value, _RANK_ALLOWED, _hint(s, RANK_WORDS)) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _err(key, value, _RANK_ALLOWED)
-    if isinstance(value, float) and 0.0 < value <= 1.0:
-        return value
-    if float(value).is_integer() and value >= 1:
-        return int(value)
-    raise _err(key, value, _RANK_ALLOWED)
-
-
-def _as_text(allowed: str, ok: Callable[[str], bool]) -> Callable[[str, Any], str]:
-    def read(key: str, value: Any) -> str:
-        if not isinstance(value, str) or not ok(value):
-            raise _err(key, value, allowed)
-        return value
-
-    return read
-
+# the key table: key -> typed reader (floral_flwr.config_values)
 
 # The values a key may take when it is a closed set (validation, suggestions and `list keys`).
 CHOICES: dict[str, tuple[str, ...]] = {
