@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -313,8 +314,18 @@ def cost(clients: int, repeats: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ report
 
 
+def machine_line(result: dict[str, Any]) -> str:
+    """Where the numbers were taken: CPUs, torch threads, versions, load average (start, end)."""
+    h, v = result.get("host", {}), result.get("versions", {})
+    loads = [result.get(k) for k in ("load-average-start", "load-average-end") if result.get(k)]
+    load = " -> ".join(f"{x[0]:.1f}" for x in loads)
+    return (f"Machine: {h.get('cpus-usable', h.get('cpus', '?'))} usable CPUs, torch threads "
+            f"{h.get('torch-threads', '?')}, device cpu; flwr {v.get('flwr', '?')}, torch {v.get('torch', '?')}, "
+            f"python {v.get('python', '?')}; 1-minute load average {load or '?'} (start -> end).")
+
+
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| category | attempts | rejected | bounded | crash | loss |", "|---|---|---|---|---|---|"]
+    lines = [machine_line(result), "", "| category | attempts | rejected | bounded | crash | loss |", "|---|---|---|---|---|---|"]
     for cat, t in result["tally"].items():
         lines.append(f"| {cat} | {t['attempts']} | {t['rejected']} | {t['bounded']} | {t['crash']} | {t['loss']} |")
     if result.get("accuracy"):
@@ -354,7 +365,11 @@ def main() -> None:
     logging.getLogger("floral_flwr").setLevel(logging.ERROR)
     import floral_flwr
 
-    result: dict[str, Any] = {"code": str(Path(floral_flwr.__file__).parent.parent)}
+    from floral_flwr.provenance import host_info, versions
+
+    result: dict[str, Any] = {"code": str(Path(floral_flwr.__file__).parent.parent),
+                              "host": host_info("cpu"), "versions": versions(),
+                              "load-average-start": list(os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
         rows = attempts(Path(tmp))
         result["attempts"] = rows
@@ -364,6 +379,7 @@ def main() -> None:
             result["cost"] = cost(a.clients, a.repeats)
         if not a.skip_accuracy and not a.code:
             result["accuracy"] = accuracy_runs(Path(tmp), a.rounds, a.clients)
+    result["load-average-end"] = list(os.getloadavg())
     Path(a.json).write_text(json.dumps(result, indent=2, default=str))
     text = markdown(result)
     print(text)
