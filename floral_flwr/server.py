@@ -35,9 +35,9 @@ from floral_flwr.provenance import provenance, provenance_line
 from floral_flwr.results import RunRecorder
 from floral_flwr.strategy.floral_strategy import FloralStrategy
 from floral_flwr.strategy.masked_sum import check_flower_version
-from floral_flwr.strategy.nodes import ClientSetupError
+from floral_flwr.strategy.nodes import ClientSetupError, sample_size
 from floral_flwr.strategy.optimizers import build_strategy
-from floral_flwr.strategy.secagg import SecAggSettings
+from floral_flwr.strategy.secagg import SecAggSettings, protocol_sizes
 from floral_flwr.strategy.secure_rounds import SecureOptions
 from floral_flwr.wire import to_array
 
@@ -87,6 +87,22 @@ def check_simulated_federation(grid: Grid, cfg: RunConfig, task_clusters: int | 
     if have < need:
         raise ConfigError(too_few_clients(
             cfg.task, need, f"this federation has {have} simulated SuperNode{'s' * (have != 1)}"))
+
+
+def check_secure_sample(grid: Grid, cfg: RunConfig) -> None:
+    """Under secagg, a simulated federation whose round sample is too small for the protocol
+    (or for ``secagg-num-shares``) stops here, before the run directory exists. A deployment's
+    nodes are only known in round 1, where the same check runs (``secure_rounds``)."""
+    if cfg.aggregation != "secagg":
+        return
+    if is_simulation(grid):
+        nodes = _settled_node_count(grid, min(cfg.node_wait_timeout, 30.0))
+    elif getattr(grid, "simulated", False):
+        nodes = len(list(grid.get_node_ids()))
+    else:
+        return
+    minimum = 1  # build_strategy's min_train_nodes
+    protocol_sizes(sample_size(nodes, cfg.fraction_train, minimum), SecAggSettings.from_config(cfg))
 
 
 def _after_engine_start(timeout: float = 15.0, no_ray_after: float = 3.0) -> None:
@@ -144,6 +160,7 @@ def prepare_run(cfg: RunConfig, grid: Grid | None = None) -> tuple[Any, Any, Run
         check_flower_version()
     if grid is not None:
         check_simulated_federation(grid, cfg, task.num_clusters)
+        check_secure_sample(grid, cfg)
     handle = build_handle(cfg, task.build_model)
     run_dir = _run_dir(cfg)
     if cfg.resume and not (run_dir / "checkpoint" / "meta.json").exists():
