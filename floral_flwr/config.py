@@ -123,15 +123,12 @@ DEFAULTS: dict[str, Any] = {
     "server-lr": 1.0,
     "server-momentum": 0.9,
     "proximal-mu": 0.01,
-    # "secagg": Flower's SecAgg+ over the sum-only payload, the server sees only sums (default);
-    # "mean": clients send their states and n_k p_k in plaintext (fast research mode); "sum-only":
-    # clients send n_k*base_k, w_k(c)*adaptor_c^k and the weights in plaintext, the server sums
+    # what the server sees of each client (KEY_HELP, README and docs/privacy.md say it per value)
     "aggregation": "secagg",
     "secagg-clip": 8.0,
     "secagg-num-shares": 0,
     "secagg-threshold": 0.6,
-    # per-client mixtures in evaluation replies (clients.csv p columns, the heatmap): reveals p_k
-    "report-mixtures": False,
+    "report-mixtures": False,  # evaluation replies with each client's p_k: reveals p_k
     "report-mixtures-acknowledged": False,
     # baselines and clients that never train
     "holdout-clients": 0.0,

@@ -13,6 +13,8 @@ from flwr.serverapp import Grid
 
 from floral_flwr.config import ConfigError, RunConfig
 from floral_flwr.preflight import min_clients, too_few_clients
+from floral_flwr.strategy.nodes import sample_size
+from floral_flwr.strategy.secagg import SecAggSettings, protocol_sizes
 
 
 def is_simulation(grid: Grid) -> bool:
@@ -64,3 +66,19 @@ def check_mixture_reporting(cfg: RunConfig, grid: Grid) -> None:
             "plaintext; in a deployment it needs 'report-mixtures-acknowledged' = true as well "
             "(allowed: report-mixtures = false, or both true)"
         )
+
+
+def check_secure_sample(grid: Grid, cfg: RunConfig) -> None:
+    """Under secagg, a simulated federation whose round sample is too small for the protocol
+    (or for ``secagg-num-shares``) stops here, before the run directory exists. A deployment's
+    nodes are only known in round 1, where the same check runs (``secure_rounds``)."""
+    if cfg.aggregation != "secagg":
+        return
+    if is_simulation(grid):
+        nodes = _settled_node_count(grid, min(cfg.node_wait_timeout, 30.0))
+    elif getattr(grid, "simulated", False):
+        nodes = len(list(grid.get_node_ids()))
+    else:
+        return
+    minimum = 1  # build_strategy's min_train_nodes
+    protocol_sizes(sample_size(nodes, cfg.fraction_train, minimum), SecAggSettings.from_config(cfg))

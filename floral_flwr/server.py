@@ -29,7 +29,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from floral_flwr.config import METHODS, ConfigError, RunConfig, parse_run_config, resolve_output_dir
-from floral_flwr.federation import check_mixture_reporting, check_simulated_federation, is_simulation  # noqa: F401 - re-exported
+from floral_flwr.federation import (  # noqa: F401 - is_simulation, check_simulated_federation: re-exported
+    check_mixture_reporting,
+    check_secure_sample,
+    check_simulated_federation,
+    is_simulation,
+)
 from floral_flwr.methods import build_handle, check_method_task
 from floral_flwr.provenance import provenance, provenance_line
 from floral_flwr.results import RunRecorder
@@ -113,6 +118,7 @@ def prepare_run(cfg: RunConfig, grid: Grid | None = None) -> tuple[Any, Any, Run
         check_flower_version()
     if grid is not None:
         check_simulated_federation(grid, cfg, task.num_clusters)
+        check_secure_sample(grid, cfg)
     handle = build_handle(cfg, task.build_model)
     run_dir = _run_dir(cfg)
     if cfg.resume and not Checkpoints(run_dir / "checkpoint").exists():

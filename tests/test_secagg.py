@@ -326,7 +326,8 @@ def test_too_few_clients_stop_before_round_1(tmp_path, extra, fragment):
     grid = InlineGrid(make_client_app(cfg), NUM_CLIENTS)
     with pytest.raises(ConfigError, match=fragment):
         run_server(grid, cfg)
-    assert _train_replies(grid) == []
+    assert not grid.replies_seen  # not even discovery: stopped before round 1
+    assert not (tmp_path / "few").exists()  # and before the run directory
 
 
 def test_untested_flower_version_stops_before_round_1(tmp_path, monkeypatch):

@@ -183,11 +183,16 @@ class ClientDirectory:
         return nodes
 
 
+def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
+    """How many of ``num_nodes`` nodes :func:`sample_nodes` draws."""
+    return min(num_nodes, max(int(num_nodes * fraction), minimum))
+
+
 def sample_nodes(
     nodes: list[int], fraction: float, minimum: int, seed: int, server_round: int, salt: int
 ) -> list[int]:
     """Deterministic sample of ``max(int(N * fraction), minimum)`` of the ordered ``nodes``."""
-    size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+    size = sample_size(len(nodes), fraction, minimum)
     if size >= len(nodes):
         return nodes
     rng = np.random.default_rng([seed, server_round, salt])
