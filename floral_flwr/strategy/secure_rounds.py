@@ -93,8 +93,12 @@ def aggregate_secure(strategy: Any, rnd: int, exchange: SecureSum) -> tuple[Arra
                                    exchange.scale, exchange.precision)
         except ValueError as exc:
             log(WARNING, "round %d: the secure sum cannot be decoded (%s)", rnd, exc)
+            strategy._first_cause = f"the secure sum cannot be decoded ({exc})"
     server_s = exchange.seconds_total - exchange.seconds_waiting
     if decoded is None:
+        if exchange.halted:  # the run stops (RunFailed) naming this
+            strategy._first_cause = (f"the SecAgg+ exchange halted: too few of the {len(exchange.sampled)} "
+                                     f"sampled clients stayed for its threshold ('secagg-threshold')")
         log(WARNING, "round %d: no secure aggregate, the global model is unchanged", rnd)
         stats.seconds_aggregate = server_s + time.perf_counter() - t0
         return None, None
