@@ -14,8 +14,8 @@ mode, and the cost of each robust mode, side by side in one process.
    (taken over, non-finite, or results lost or mixed). ``--code DIR`` runs the same battery
    against another checkout's ``floral_flwr`` (e.g. the code before this work).
 2. **Accuracy**: FLoRAL on digits-rotate (``--clients`` clients, ``--rounds`` rounds), clean and
-   with client 0 sending its update sign-flipped and boosted 10x every round (well-formed, its
-   own weight), for ``robust`` = none / clip / trimmed-mean / median.
+   with client 0 sending -10 x its trained arrays every round (well-formed, its own weight), for
+   ``robust`` = none / clip / trimmed-mean / median.
 3. **Cost**: ``aggregate_train`` on the same captured digits replies (``--clients``), and the
    accumulators alone on a CIFAR-10-CNN-shaped FLoRAL state (20 random replies), each mode timed
    interleaved with ``none`` in this process (median of ``--repeats``); ratio to ``none``.
@@ -230,7 +230,9 @@ def tally(rows: list[tuple[str, str, str, str]]) -> dict[str, dict[str, int]]:
 # ------------------------------------------------------------------ 2. accuracy
 
 
-def accuracy_runs(tmp: Path, rounds: int, clients: int) -> list[dict[str, Any]]:
+def accuracy_runs(tmp: Path, rounds: int, clients: int, done: Any = None) -> list[dict[str, Any]]:
+    """Clean ``none`` first, then one attacker per mode, then the other modes clean; ``done(rows)``
+    after each run (the partial results are written as they come)."""
     import adversary as A
     from floral_flwr.inline import run_inline
 
@@ -241,22 +243,24 @@ def accuracy_runs(tmp: Path, rounds: int, clients: int) -> list[dict[str, Any]]:
         return A.rebuilt(reply, {k: (-10.0 * v if v.dtype.kind == "f" else v) for k, v in A._arrays(reply).items()})
 
     rows = []
-    for attacked in (False, True):
-        for mode in MODES:
-            cfg = {"task": "digits-rotate", "method": "floral", "num-server-rounds": rounds,
-                   "eval-every": rounds, "output-dir": str(tmp / "acc"), "run-name": f"{mode}-{int(attacked)}",
-                   "min-available-nodes": 1, "robust": mode, "persist-client-state": False}
-            t0 = time.perf_counter()
-            try:
-                summary, _ = run_inline(cfg, clients, reply_hook=flip if attacked else None)
-                acc = summary["final"].get("accuracy-mean")
-                status = "completed"
-                round_s = summary.get("mean-round-s")
-            except Exception as exc:  # noqa: BLE001 - a stopped run is a result too
-                acc, status, round_s = None, f"stopped: {type(exc).__name__}", None
-            rows.append({"mode": mode, "attacked": attacked, "accuracy": acc, "status": status,
-                         "mean-round-s": round_s, "wall-s": round(time.perf_counter() - t0, 1)})
-            print(rows[-1], flush=True)
+    order = [(False, "none"), *((True, m) for m in MODES), *((False, m) for m in MODES[1:])]
+    for attacked, mode in order:
+        cfg = {"task": "digits-rotate", "method": "floral", "num-server-rounds": rounds,
+               "eval-every": rounds, "output-dir": str(tmp / "acc"), "run-name": f"{mode}-{int(attacked)}",
+               "min-available-nodes": 1, "robust": mode, "persist-client-state": False}
+        t0 = time.perf_counter()
+        try:
+            summary, _ = run_inline(cfg, clients, reply_hook=flip if attacked else None)
+            acc = summary["final"].get("accuracy-mean")
+            status = "completed"
+            round_s = summary.get("mean-round-s")
+        except Exception as exc:  # noqa: BLE001 - a stopped run is a result too
+            acc, status, round_s = None, f"stopped: {type(exc).__name__}", None
+        rows.append({"mode": mode, "attacked": attacked, "accuracy": acc, "status": status,
+                     "mean-round-s": round_s, "wall-s": round(time.perf_counter() - t0, 1)})
+        print(rows[-1], flush=True)
+        if done is not None:
+            done(rows)
     return rows
 
 
@@ -326,7 +330,7 @@ def machine_line(result: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [machine_line(result), "", "| category | attempts | rejected | bounded | crash | loss |", "|---|---|---|---|---|---|"]
-    for cat, t in result["tally"].items():
+    for cat, t in result.get("tally", {}).items():
         lines.append(f"| {cat} | {t['attempts']} | {t['rejected']} | {t['bounded']} | {t['crash']} | {t['loss']} |")
     if result.get("accuracy"):
         lines += ["", "| robust | clean accuracy | with one attacker | s/round clean | s/round attacked |",
@@ -354,6 +358,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--skip-attempts", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--code", default=None, help="another checkout whose floral_flwr the battery runs against")
@@ -371,20 +376,32 @@ def main() -> None:
                               "host": host_info("cpu"), "versions": versions(),
                               "load-average-start": list(os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
-        rows = attempts(Path(tmp))
-        result["attempts"] = rows
-        result["tally"] = tally(rows)
-        print(markdown(result), flush=True)
+        if not a.skip_attempts:
+            rows = attempts(Path(tmp))
+            result["attempts"] = rows
+            result["tally"] = tally(rows)
+            print(markdown(result), flush=True)
         if not a.skip_cost and not a.code:
             result["cost"] = cost(a.clients, a.repeats)
+            _write(a, result)
+
+        def partial(rows: list[dict[str, Any]]) -> None:
+            result["accuracy"] = rows
+            _write(a, result)
+
         if not a.skip_accuracy and not a.code:
-            result["accuracy"] = accuracy_runs(Path(tmp), a.rounds, a.clients)
+            result["accuracy"] = accuracy_runs(Path(tmp), a.rounds, a.clients, done=partial)
+    print(_write(a, result))
+
+
+def _write(a: argparse.Namespace, result: dict[str, Any]) -> str:
+    """Write the JSON (and markdown) of what is measured so far; returns the markdown."""
     result["load-average-end"] = list(os.getloadavg())
     Path(a.json).write_text(json.dumps(result, indent=2, default=str))
     text = markdown(result)
-    print(text)
     if a.markdown:
         Path(a.markdown).write_text(text)
+    return text
 
 
 if __name__ == "__main__":

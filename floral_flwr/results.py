@@ -109,19 +109,19 @@ class RunRecorder:
     # ------------------------------------------------------------------ checkpoint
 
     def has_checkpoint(self) -> bool:
-        return Checkpoints(self.ckpt_dir).exists()
+        return Checkpoints(self.ckpt_dir, self.label).exists()
 
     def save_checkpoint(self, server_round: int, arrays: dict[str, np.ndarray],
                         optimizer: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         # the last two rounds are kept; a non-finite state is refused (floral_flwr.rundir)
-        Checkpoints(self.ckpt_dir).save(server_round, arrays, optimizer, {"elapsed-s": self.elapsed(), **extra})
+        Checkpoints(self.ckpt_dir, self.label).save(server_round, arrays, optimizer, {"elapsed-s": self.elapsed(), **extra})
 
     def latest_state(self) -> dict[str, np.ndarray]:
         """The global arrays of the newest readable checkpoint (no side effects)."""
-        return Checkpoints(self.ckpt_dir).latest_state()
+        return Checkpoints(self.ckpt_dir, self.label).latest_state()
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
-        rnd, arrays, optimizer, meta = Checkpoints(self.ckpt_dir).load()
+        rnd, arrays, optimizer, meta = Checkpoints(self.ckpt_dir, self.label).load()
         self.elapsed_before = float(meta.get("elapsed-s", 0.0))
         return rnd, arrays, optimizer, meta
 

@@ -122,15 +122,17 @@ def _free_name(path: Path) -> Path:
     raise RunDirError(f"no free run directory name next to '{path}'")  # pragma: no cover
 
 
-def claim_run_dir(path: Path, config: dict[str, Any], resume: bool, auto_named: bool) -> RunDirectory:
+def claim_run_dir(path: Path, config: dict[str, Any], resume: bool, auto_named: bool,
+                  label: str = "floral") -> RunDirectory:
     """Create (or reopen, with ``resume``) and lock the run directory; store or check the config.
 
     Returns the claimed directory (its ``path`` differs from ``path`` when an automatic name
-    collided). Raises :class:`RunDirError` with a message naming the key to change."""
+    collided; ``label`` prefixes the line that says so). Raises :class:`RunDirError` with a
+    message naming the key to change."""
     path = Path(path)
     if not resume and auto_named and holds_run(path):
         new = _free_name(path)
-        print(f"[floral] '{path.name}' exists: this run writes to '{new.name}'", flush=True)
+        print(f"[{label}] '{path.name}' exists: this run writes to '{new.name}'", flush=True)
         path = new
     path.mkdir(parents=True, exist_ok=True)
     fd = _lock(path)  # first: a run in progress is reported as such
@@ -212,8 +214,9 @@ def _bad_keys(arrays: dict[str, np.ndarray]) -> list[str]:
 class Checkpoints:
     """The checkpoint folder of a run (see the module docstring)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, label: str = "floral") -> None:
         self.folder = Path(folder)
+        self.label = label  # prefixes the fallback warning (the method, like every run line)
 
     def _rounds(self) -> list[int]:
         """Rounds with a state file, newest first (meta files of older layouts included)."""
@@ -299,7 +302,7 @@ class Checkpoints:
                                type(exc).__name__, exc, "; trying the older one" if rnd != rounds[-1] else "")
                 continue
             if problems:
-                print(f"[floral] WARNING: the newest checkpoint is unreadable ({problems[0]}); resuming "
+                print(f"[{self.label}] WARNING: the newest checkpoint is unreadable ({problems[0]}); resuming "
                       f"from the checkpoint of round {rnd}", flush=True)
             return rnd, arrays, optimizer, meta
         raise RunDirError(

@@ -130,7 +130,8 @@ def prepare_run(cfg: RunConfig, grid: Grid | None = None) -> tuple[Any, Any, Run
     claimed = None
     try:
         # refuses an existing run without resume, locks it, stores/checks the resolved config
-        claimed = claim_run_dir(run_dir, cfg.to_dict(), cfg.resume, auto_named=not cfg.run_name)
+        claimed = claim_run_dir(run_dir, cfg.to_dict(), cfg.resume, auto_named=not cfg.run_name,
+                                label=cfg.method)
         run_dir = claimed.path
         recorder = RunRecorder(run_dir, task.metric, cfg.num_server_rounds, label=cfg.method,
                                eval_every=cfg.eval_every)
