@@ -22,7 +22,7 @@ from typing import Any, Mapping
 # Names of the choices are kept here (not imported from the strategy/method modules) so that
 # validating a config never imports torch or flwr.
 METHODS = (
-    "floral", "floral-oracle", "fedavg", "local-adaptor",
+    "floral", "floral-oracle", "fedavg", "local-adaptor", "fedavg-lora",
     # the baselines (each a peer module of floral_flwr/methods; tests check this list against its registry)
     "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa",
 )
@@ -42,6 +42,9 @@ DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("off", "bf16")
 AGGREGATIONS = ("mean", "sum-only")
 AUTO = "auto"
+# methods that run with a frozen base ("train-base" = false): the Floral-wrapped ones; with a
+# frozen base, "fedavg" averages what trains, i.e. it is "fedavg-lora" (one shared LoRA)
+FROZEN_BASE_METHODS = ("floral", "floral-oracle", "fedavg", "fedavg-lora", "local-adaptor", "feddpa")
 
 # key -> default. Order = order in README and pyproject.toml.
 DEFAULTS: dict[str, Any] = {
@@ -80,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
     "prob-floor": 0.0,
     "entropy-penalty": 0.0,
     "per-layer-mixture": False,
+    # false: the base model is frozen and never sent (a pretrained backbone); only the adaptors
+    # and the task's head train and travel ("auto": the task's preset, true except text tasks)
+    "train-base": AUTO,
     # server optimizer applied to the aggregate (fedavg = plain replacement)
     "server-optimizer": "fedavg",
     "server-lr": 1.0,
@@ -144,6 +150,7 @@ class RunConfig:
     prob_floor: float
     entropy_penalty: float
     per_layer_mixture: bool
+    train_base: bool
     server_optimizer: str
     server_lr: float
     server_momentum: float
@@ -163,7 +170,8 @@ class RunConfig:
     @property
     def is_floral(self) -> bool:
         """True when the model carries FLoRAL adaptors (and a private mixture)."""
-        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa")
+        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa", "fedavg-lora") or (
+            self.method == "fedavg" and not self.train_base)
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict of the resolved values (what config.json records)."""
@@ -325,6 +333,7 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         "num-adaptors": 4,
         "rank": 0.1,
         "adapt-norm": False,
+        "train-base": True,
     }
     for key in AUTO_KEYS:
         if isinstance(merged[key], str) and merged[key].strip() == AUTO:
@@ -374,6 +383,7 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         prob_floor=_as_float("prob-floor", merged["prob-floor"], 0.0, 1.0),
         entropy_penalty=_as_float("entropy-penalty", merged["entropy-penalty"]),
         per_layer_mixture=_as_bool("per-layer-mixture", merged["per-layer-mixture"]),
+        train_base=_as_bool("train-base", merged["train-base"]),
         server_optimizer=_as_choice(
             "server-optimizer", merged["server-optimizer"], SERVER_OPTIMIZERS
         ),
@@ -397,6 +407,11 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         raise ConfigError(
             f"run config 'method' = {cfg.method!r} cannot be combined with 'server-optimizer' = "
             f"{cfg.server_optimizer!r}: {why}"
+        )
+    if not cfg.train_base and cfg.method not in FROZEN_BASE_METHODS:
+        raise ConfigError(
+            f"run config 'train-base' = false cannot be combined with 'method' = {cfg.method!r}: "
+            f"a frozen base is supported by {', '.join(repr(m) for m in FROZEN_BASE_METHODS)}"
         )
     if cfg.prob_floor * cfg.num_adaptors > 1.0:
         raise _err(

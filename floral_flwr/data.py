@@ -5,6 +5,9 @@
     python -m floral_flwr.data fake <name> <dir> [--train N] [--test M] [--seed S]
                                                        # random images in the hub schema
     python -m floral_flwr.data list                    # names, hub ids and columns
+    python -m floral_flwr.data prepare wordnet <dir> [--from PATH]
+                                                       # WordNet noun definitions (Debian
+                                                       # wordnet-base) for the text tasks
 
 ``<name>`` is one of ``mnist``, ``cifar10``, ``cifar100``. ``download`` writes
 ``<dir>/train.parquet`` and ``<dir>/test.parquet`` in the exact Hugging Face hub schema (image
@@ -26,6 +29,9 @@ __all__ = ["main", "download_dataset", "write_fake_dataset"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:2] == ["prepare", "wordnet"]:  # the text tasks' data (floral_flwr.tasks.wordnet)
+        return prepare_wordnet_main(args[2:])
     ap = argparse.ArgumentParser(prog="python -m floral_flwr.data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -77,6 +83,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def prepare_wordnet_main(argv: list[str]) -> int:
+    from floral_flwr.tasks.wordnet import WordNetError, prepare_wordnet
+
+    ap = argparse.ArgumentParser(prog="python -m floral_flwr.data prepare wordnet",
+                                 description="WordNet 3.0 noun definitions labelled by supersense")
+    ap.add_argument("dir")
+    ap.add_argument("--from", dest="source", default=None, metavar="PATH",
+                    help="WordNet's data.noun (or its directory) instead of Debian's wordnet-base")
+    a = ap.parse_args(argv)
+    t = time.perf_counter()
+    try:
+        out, rows = prepare_wordnet(a.dir, a.source)
+    except (WordNetError, OSError) as e:
+        print(f"error: prepare wordnet: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}: {rows} noun definitions (wordnet-nouns.tsv, manifest.json) in "
+          f"{time.perf_counter() - t:.1f} s; use it with data-dir=\"{out}\"")
     return 0
 
 

@@ -3,6 +3,8 @@
 - Federated: every parameter and buffer of the task model, weighted by n_k.
 - Private: nothing (the plain :class:`~floral_flwr.methods.base.ModelHandle`).
 - Holdout clients: zero-shot = adapted = the global model (nothing personal to fit).
+- ``train-base`` = false: averaging what trains on a frozen base is one shared LoRA, so this
+  builds :mod:`.fedavg_lora`'s model (the FedIT / FlowerTune baseline).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from torch import nn
 
 from floral_flwr.config import RunConfig
 from floral_flwr.methods.base import MethodSpec, ModelHandle, register
+from floral_flwr.methods.fedavg_lora import build_shared_lora
 
 
 def _build(cfg: RunConfig, build_model: Callable[[], nn.Module]) -> ModelHandle:
+    if not cfg.train_base:
+        return build_shared_lora(cfg, build_model)
     return ModelHandle(build_model())
 
 
@@ -24,6 +29,6 @@ register(MethodSpec(
     "FedAvg (McMahan et al., 2017): one global model",
     uses_adaptors=False,
     build=_build,
-    federated="the whole model (weights n_k)",
+    federated="the whole model (weights n_k); with train-base=false one shared LoRA + the head",
     private="nothing",
 ))
