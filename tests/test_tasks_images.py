@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from floral_flwr.tasks import TASK_NAMES, get_task, task_defaults
+from floral_flwr.tasks import TASK_NAMES, get_task, task_defaults, task_info
 from floral_flwr.tasks.partitioners import (ClusterIidPartitioner, LabelModClusterPartitioner,
                                             LabelShiftPartitioner, RotateTransform,
                                             RotationPartitioner)
@@ -24,8 +24,9 @@ from floral_flwr.tasks.sources import (DATASETS, DatasetNotFoundError, write_fak
                                        write_parquet_split)
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_TASKS = [n for n in TASK_NAMES if n.startswith(("mnist", "cifar"))]
-SIZES = {"mnist": (240, 60), "cifar10": (120, 40), "cifar100": (300, 100)}
+IMAGE_TASKS = [n for n in TASK_NAMES if n.startswith(("mnist", "fmnist", "cifar"))]
+SIZES = {"mnist": (240, 60), "cifar10": (120, 40), "cifar100": (300, 100),
+         "fashion-mnist": (200, 40)}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_image_task_builds_and_trains_one_step(name, data_root):
 
 
 def test_partitions_use_every_row_once_and_are_balanced(data_root):
-    for name in ("mnist-rotate", "cifar10-label-shift", "cifar100"):
+    for name in ("mnist-rotate", "fmnist-label-shift", "cifar10-label-shift", "cifar100"):
         task = get_task(name, num_clients=10, seed=4, data_dir=str(data_root))
         ds = task.dataset
         for split, n in zip(("train", "test"), SIZES[ds]):
@@ -142,6 +143,42 @@ def test_rotation_really_rotates_images(data_root):
     s = torch.tensor(spec10.std).view(1, 3, 1, 1)
     raw = ((d.train_x * s + m) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(raw, np.rot90(xc[t10.partition_indices(1)], 1, axes=(1, 2)))
+
+
+def test_fmnist_tasks_read_fashion_mnist_under_the_paper_mnist_protocol(data_root):
+    """fmnist-* = the paper's MNIST protocol (floral-method.md §2) on Fashion-MNIST's own files."""
+    assert {"fmnist-rotate", "fmnist-label-shift", "fmnist-rotate-reduced",
+            "fmnist-label-shift-reduced"} <= set(TASK_NAMES)
+    paper = {"num-clients": 300, "fraction-train": 0.1, "fraction-evaluate": 0.1,
+             "num-server-rounds": 500, "batch-size": 32, "lr": 0.1, "num-adaptors": 4}
+    for shift in ("rotate", "label-shift"):
+        for suffix in ("", "-reduced"):
+            pre = task_defaults(f"fmnist-{shift}{suffix}")
+            assert pre == task_defaults(f"mnist-{shift}{suffix}")  # incl. FLoRAL's own keys
+            want = dict(paper, **({"num-server-rounds": 1500} if suffix else {}))
+            assert {k: pre[k] for k in want} == want
+    task = get_task("fmnist-rotate", num_clients=8, seed=1, data_dir=str(data_root))
+    assert task.dataset == "fashion-mnist" and task.spec.hub_id == "zalando-datasets/fashion_mnist"
+    assert task.num_clusters == 4 and task.angles == (0.0, 90.0, 180.0, 270.0)
+    layers = [m for m in task.build_model().modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in layers] == [(784, 200), (200, 10)]
+    # it reads <data-dir>/fashion-mnist, not the MNIST files next to it
+    xf, yf = _raw(data_root / "fashion-mnist" / "train.parquet", DATASETS["fashion-mnist"])
+    for k in (0, 5):
+        idx = task.partition_indices(k)
+        got = (task.client_data(k).train_x[:, 0].numpy() * 255).round().astype(np.uint8)
+        assert np.array_equal(got, np.rot90(xf[idx], k=k % 4, axes=(1, 2)))
+    xm, _ = _raw(data_root / "mnist" / "train.parquet", DATASETS["mnist"])
+    assert not np.array_equal(xf[:len(xm)], xm[:len(xf)])
+    info = task_info("fmnist-label-shift-reduced")  # the server's view: no data read
+    assert (info.num_clusters, info.metric) == (4, "accuracy")
+    assert info.defaults == task_defaults("fmnist-label-shift-reduced")
+    assert [(m.in_features, m.out_features) for m in info.build_model().modules()
+            if isinstance(m, torch.nn.Linear)] == [(784, 200), (200, 10)]
+    ls = get_task("fmnist-label-shift", num_clients=8, seed=1, data_dir=str(data_root))
+    _, yt = _raw(data_root / "fashion-mnist" / "test.parquet", DATASETS["fashion-mnist"])
+    assert np.array_equal(ls.client_data(6).test_y.numpy(),
+                          (yt[ls.partition_indices(6, "test")] + 2) % 10)
 
 
 def test_label_shift_maps_labels(data_root):

@@ -21,6 +21,8 @@ transformers = pytest.importorskip("transformers")
 from floral_flwr import data as data_cli  # noqa: E402
 from floral_flwr.config import ConfigError, parse_run_config  # noqa: E402
 from floral_flwr.tasks import clear_cache, get_task, text, text_model, wordnet  # noqa: E402
+from floral_flwr.tasks.manifest import MANIFEST_FORMAT, DatasetChecksumError, text_digests  # noqa: E402
+from floral_flwr.tasks.prepare import prepare_dataset  # noqa: E402
 from floral_flwr.tasks.text_model import PrefixCache, TextClassifier, TextStackError  # noqa: E402
 
 # 12 noun supersenses of different sizes (the 10 largest are used); lexfile numbers of WordNet
@@ -65,11 +67,12 @@ def stack(tmp_path, monkeypatch):
     """Prepared fake WordNet + the tiny model in place of MiniLM, small task options."""
     src = tmp_path / "data.noun"
     truth = fake_data_noun(src)
-    out, _ = wordnet.prepare_wordnet(tmp_path / "prepared", str(src))
+    out = prepare_dataset("wordnet", tmp_path / "prepared", str(src)).out_dir
     encoder, tok = tiny_stack(tmp_path)
     monkeypatch.setattr(text_model, "load_pretrained", lambda name="minilm": (copy_of(encoder), tok))
     monkeypatch.setattr(text, "OPTION_DEFAULTS", {**text.OPTION_DEFAULTS, "train_per_client": 10,
-                                                  "test_per_client": 10, "max_length": 16})
+                                                  "test_per_client": 10, "max_length": 16,
+                                                  "adapt_layers": 1})  # a transformer layer adapted too
     clear_cache()
     text_model.PREFIX_CACHE.clear()
     yield {"dir": str(out), "truth": truth, "encoder": encoder, "tok": tok}
@@ -102,22 +105,44 @@ def test_bad_wordnet_sources_say_what_to_install(tmp_path):
         wordnet.load_definitions(str(tmp_path / "empty-dir"))
 
 
-def test_prepare_cli_round_trip_and_digest(tmp_path, capsys):
+def test_prepare_cli_round_trip_and_checksums(tmp_path, capsys):
     truth = fake_data_noun(tmp_path / "data.noun")
     assert data_cli.main(["prepare", "wordnet", str(tmp_path / "wn"), "--from", str(tmp_path / "data.noun")]) == 0
     assert f"{len(truth)} noun definitions" in capsys.readouterr().out
     wordnet.clear_cache()
     rows = wordnet.load_definitions(str(tmp_path / "wn"))
     assert {r.offset: r.lexfile for r in rows} == truth
+    # the image tasks' manifest scheme: format, dataset, variant, source digest, one split whose
+    # checksums are an independent hash of the parsed definitions and supersense numbers
     manifest = json.loads((tmp_path / "wn" / "manifest.json").read_text())
-    assert manifest["rows"] == len(truth)
+    assert (manifest["format"], manifest["dataset"], manifest["variant"]) == (MANIFEST_FORMAT, "wordnet-nouns", "wordnet")
+    assert set(manifest["source"]["files"]) == {"data.noun"}
+    parsed = wordnet.parse_data_noun(tmp_path / "data.noun")
+    want = text_digests([r.text for r in parsed], np.array([r.lexfile for r in parsed]))
+    entry = manifest["splits"]["all"]
+    assert {k: entry[k] for k in want} == want and entry["rows"] == len(truth)
+    assert sum(entry["supersense_counts"].values()) == len(truth)
     tsv = tmp_path / "wn" / "wordnet-nouns.tsv"
     tsv.write_text(tsv.read_text().replace("w6x1", "w6x2", 1))
     wordnet.clear_cache()
-    with pytest.raises(wordnet.WordNetError, match="SHA-256"):
+    with pytest.raises(DatasetChecksumError, match="texts_sha256.*prepare wordnet"):
         wordnet.load_definitions(str(tmp_path / "wn"))
     assert data_cli.main(["prepare", "wordnet", str(tmp_path / "x"), "--from", str(tmp_path / "nope")]) == 1
     assert "wordnet-base" in capsys.readouterr().err
+
+
+def test_prepare_wordnet_replaces_its_own_and_refuses_other_data(tmp_path, capsys):
+    fake_data_noun(tmp_path / "data.noun")
+    src = str(tmp_path / "data.noun")
+    first = prepare_dataset("wordnet", tmp_path / "wn", src)
+    assert not first.replaced and prepare_dataset("wordnet", tmp_path / "wn", src).replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert data_cli.main(["prepare", "wordnet", str(tmp_path / "other"), "--from", src]) == 1
+    assert "other data" in capsys.readouterr().err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert data_cli.main(["prepare", "wordnet", str(tmp_path / "s"), "--from", src, "--seed", "1"]) == 1
+    assert "--seed" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ partition

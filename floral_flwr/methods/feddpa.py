@@ -100,8 +100,11 @@ class FedDPAHandle(ModelHandle):
 
     @classmethod
     def build(cls, cfg: Any, build_model: Callable[[], nn.Module]) -> "FedDPAHandle":
+        # FedDPA's adaptors are LoRA started at zero (global and local), not FLoRAL's mixture init;
+        # with train-base = false the backbone is frozen (FedDPA's own setting)
         fm = build_floral_model(cfg, build_model(), num_adaptors=2, mixture_noise=0.0, prob_floor=0.0,
-                                temperature=1.0, entropy_penalty=0.0, per_layer_mixture=False)
+                                temperature=1.0, entropy_penalty=0.0, per_layer_mixture=False,
+                                adaptor_init="zero")
         fm.mixture.logits.requires_grad_(False)
         h = cls(FedDPAModel(fm))
         h.module.set_p(1.0, 0.0)

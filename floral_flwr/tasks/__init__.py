@@ -14,13 +14,17 @@ Tasks (``TASK_NAMES``):
   (``floral_flwr.tasks.synthetic``), regression, metric ``"mse"``.
 * ``digits-rotate``, ``digits-label-shift``: scikit-learn digits, offline (``.digits``); each
   also ``-reduced`` (the scarce-data rule below, same test splits).
-* ``mnist-rotate``, ``mnist-label-shift``, ``cifar10-rotate``, ``cifar10-label-shift``,
+* ``mnist-rotate``, ``mnist-label-shift``, ``fmnist-rotate``, ``fmnist-label-shift``
+  (Fashion-MNIST under the paper's MNIST protocol), ``cifar10-rotate``, ``cifar10-label-shift``,
   ``cifar100`` (+ ``cifar100-bn``, ``cifar100-gn`` VGG-8 norm variants), each also ``-reduced``
   (5 % of each client's training data, seeded, min 10): Hugging Face image datasets from local
-  parquet files (``data_dir``) or the hub (``.images``; data layout documented there).
+  parquet files (``data_dir``) or the hub (``.images``; data layout documented there). Offline,
+  ``python -m floral_flwr.data prepare fashion-mnist|mnist-5k <dir>`` writes them (``.prepare``);
+  on the 5,000-digit MNIST subset the ``mnist-*`` preset has 20 clients.
 * ``wordnet-label-shift``, ``wordnet-concept-shift`` (+ ``-reduced``): WordNet noun definitions
   -> supersense on the pretrained MiniLM (``.text``; data ``.wordnet``, model ``.text_model``;
-  needs the ``[text]`` extra and Debian ``wordnet-base``).
+  needs the ``[text]`` extra and Debian ``wordnet-base``; ``python -m floral_flwr.data prepare
+  wordnet <dir>`` writes the data).
 
 ``get_task(name, num_clients=20, seed=0, data_dir=None, data_path=None, **options)``:
 ``num_clients=None`` means the paper's K (``task.defaults["num-clients"]``). Options may be given
@@ -31,7 +35,9 @@ of 8; decoded datasets are cached per file; ``client_data(cid)`` is cached per t
 by ``Task.cache_bytes``, 1 GiB) and costs O(client size) the first time.
 
 True clusters: client k is in cluster ``k mod C`` for every clustered task (the official code's
-rule); ``task.clusters`` lists them. ``task_defaults(name)`` gives the preset without loading data.
+rule); ``task.clusters`` lists them. ``task_defaults(name, data_dir=None)`` gives the preset
+without loading data (for an image task it reads the data directory's manifest, if any: a
+prepared subset such as ``mnist-5k`` has its own number of clients).
 
 Beyond contracts.md §3 each task also has: ``defaults["adapt-norm"]`` (True for the -bn/-gn
 variants), ``extra_defaults`` (paper server optimizer / lr, e.g. FedAdam 0.001 for CIFAR-100),
@@ -51,8 +57,8 @@ from .digits import DIGITS_NAMES
 from .synthetic import SYNTHETIC_NAMES
 from .text import TEXT_NAMES
 
-_IMAGE_BASE = ("mnist-rotate", "mnist-label-shift", "cifar10-rotate", "cifar10-label-shift",
-               "cifar100", "cifar100-bn", "cifar100-gn")
+_IMAGE_BASE = ("mnist-rotate", "mnist-label-shift", "fmnist-rotate", "fmnist-label-shift",
+               "cifar10-rotate", "cifar10-label-shift", "cifar100", "cifar100-bn", "cifar100-gn")
 IMAGE_NAMES = tuple(n for b in _IMAGE_BASE for n in (b, b + "-reduced"))
 
 TASK_NAMES: tuple[str, ...] = SYNTHETIC_NAMES + DIGITS_NAMES + IMAGE_NAMES + TEXT_NAMES
@@ -143,9 +149,9 @@ def task_info(name: str, seed: int = 0, **options: Any) -> TaskInfo:
     if not isinstance(name, str) or name not in TASK_NAMES:
         raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
     if name in IMAGE_NAMES:
-        from .images import PAPER_PRESETS, image_defaults, model_for
+        from .images import PAPER_PRESETS, dataset_of, image_defaults, model_for
 
-        dataset = name.split("-")[0]
+        dataset = dataset_of(name)
         c = options.get("num_clusters", options.get("num-clusters", PAPER_PRESETS[dataset][1]))
         return TaskInfo(name, "accuracy", int(c), lambda: model_for(name), image_defaults(name, c))
     if name in TEXT_NAMES:  # no WordNet on the server: the model and the preset only
@@ -157,16 +163,17 @@ def task_info(name: str, seed: int = 0, **options: Any) -> TaskInfo:
     return TaskInfo(name, task.metric, task.num_clusters, task.build_model, dict(task.defaults))
 
 
-def task_defaults(name: str, **options: Any) -> dict:
-    """``get_task(name, num_clients=None, **options).defaults`` without loading any data (the
-    image tasks' presets come from a table; the embedded tasks are cheap to build)."""
+def task_defaults(name: str, data_dir: Optional[str] = None, **options: Any) -> dict:
+    """``get_task(name, num_clients=None, data_dir=data_dir, **options).defaults`` without
+    loading any data (the image tasks' presets come from a table, plus the prepared variant the
+    manifest in ``data_dir`` names, if any; the embedded tasks are cheap to build)."""
     if not isinstance(name, str) or name not in TASK_NAMES:
         raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
     if name in IMAGE_NAMES:
-        from .images import image_defaults
+        from .images import data_variant, image_defaults
 
         c = options.get("num_clusters", options.get("num-clusters"))
-        return image_defaults(name, c)
+        return image_defaults(name, c, data_variant(name, data_dir or None))
     if name in TEXT_NAMES:
         from .text import text_defaults
 

