@@ -149,7 +149,7 @@ def run_results(args) -> list[dict]:
                        "bytes_up_per_round": summary.get("bytes-up-per-round"),
                        "s_per_round": summary.get("mean-round-s"), "wall_s": time.perf_counter() - t,
                        "rounds": summary.get("rounds"), "first_round_s": rounds[0],
-                       "steady_s_per_round": statistics.mean(rounds[1:]) if len(rounds) > 1 else rounds[0]}
+                       "steady_s_per_round": statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]}
                 rows.append(row)
                 with open(out / "runs.jsonl", "a") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -158,8 +158,10 @@ def run_results(args) -> list[dict]:
 
 
 def _round_seconds(path: Path) -> list[float]:
-    """Seconds of every round of a run (its rounds.csv): round 1 holds the clients' set-up and,
-    in the first run of a seed, the frozen-prefix computation, so the table reports the rest."""
+    """Seconds of every round of a run (its rounds.csv). Round 1 holds the clients' set-up and,
+    in the first run of a seed, the frozen-prefix computation of the training definitions (the
+    first evaluation that of the test definitions), so the table reports the median of rounds
+    2..N."""
     import csv
 
     with open(path) as fh:
@@ -182,7 +184,7 @@ def _mean_std(values: list) -> str:
 
 def results_table(rows: list[dict]) -> str:
     lines = ["| task | method | seeds | accuracy | worst 10 % | cluster ARI | per seed: accuracy (ARI) | "
-             "KB up / round (all clients) | s / round (rounds 2..N) |",
+             "KB up / round (all clients) | s / round (median, rounds 2..N) |",
              "|---|---|---|---|---|---|---|---|---|"]
     keys = []
     for r in rows:
