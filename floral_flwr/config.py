@@ -43,7 +43,7 @@ from floral_flwr.config_values import (  # noqa: F401  (ConfigError, nearest, RA
 # Names of the choices are kept here (not imported from the strategy/method modules) so that
 # validating a config never imports torch or flwr.
 METHODS = (
-    "floral", "floral-oracle", "fedavg", "local-adaptor",
+    "floral", "floral-oracle", "fedavg", "local-adaptor", "fedavg-lora",
     # the baselines (each a peer module of floral_flwr/methods; tests check this list against its registry)
     "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa",
 )
@@ -67,6 +67,9 @@ AGGREGATIONS = ("secagg", "mean", "sum-only")
 ROBUST_MODES = ("none", "clip", "trimmed-mean", "median")
 PER_CLIENT_ROBUST = ("trimmed-mean", "median")
 AUTO = "auto"
+# methods that run with a frozen base ("train-base" = false): the Floral-wrapped ones; with a
+# frozen base, "fedavg" averages what trains, i.e. it is "fedavg-lora" (one shared LoRA)
+FROZEN_BASE_METHODS = ("floral", "floral-oracle", "fedavg", "fedavg-lora", "local-adaptor", "feddpa")
 # Task names, kept here (like METHODS) so that a misspelled task is caught without importing
 # torch. ``floral_flwr.tasks.TASK_NAMES`` stays the authority: a name missing here is looked up
 # there by the full check, and a test keeps the two equal.
@@ -75,7 +78,8 @@ TASKS = (
     "synthetic-mlp", "synthetic-mlp-simple", "synthetic-mlp-bn",
     "digits-rotate", "digits-label-shift", "digits-rotate-reduced", "digits-label-shift-reduced",
     *(n for b in ("mnist-rotate", "mnist-label-shift", "fmnist-rotate", "fmnist-label-shift",
-                  "cifar10-rotate", "cifar10-label-shift", "cifar100", "cifar100-bn", "cifar100-gn")
+                  "cifar10-rotate", "cifar10-label-shift", "cifar100", "cifar100-bn", "cifar100-gn",
+                  "wordnet-label-shift", "wordnet-concept-shift")
       for n in (b, b + "-reduced")),
 )
 
@@ -118,6 +122,9 @@ DEFAULTS: dict[str, Any] = {
     "prob-floor": 0.0,
     "entropy-penalty": 0.0,
     "per-layer-mixture": False,
+    # false: the base model is frozen and never sent (a pretrained backbone); only the adaptors
+    # and the task's head train and travel ("auto": the task's preset, true except text tasks)
+    "train-base": AUTO,
     # server optimizer applied to the aggregate (fedavg = plain replacement)
     "server-optimizer": "fedavg",
     "server-lr": 1.0,
@@ -187,6 +194,7 @@ KEY_HELP: dict[str, str] = {
     "prob-floor": "clamp the mixture p from below",
     "entropy-penalty": "adds entropy-penalty * H(p) to the loss",
     "per-layer-mixture": "one mixture per adapted layer instead of one per client",
+    "train-base": "false: frozen base never sent, only adaptors + head train and travel",
     "server-optimizer": "server step on the aggregate",
     "server-lr": "server learning rate (FedAvgM, FedOpt)",
     "server-momentum": "FedAvgM momentum",
@@ -250,6 +258,7 @@ class RunConfig:
     prob_floor: float
     entropy_penalty: float
     per_layer_mixture: bool
+    train_base: bool
     server_optimizer: str
     server_lr: float
     server_momentum: float
@@ -278,7 +287,8 @@ class RunConfig:
     @property
     def is_floral(self) -> bool:
         """True when the model carries FLoRAL adaptors (and a private mixture)."""
-        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa")
+        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa", "fedavg-lora") or (
+            self.method == "fedavg" and not self.train_base)
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict of the resolved values (what config.json records)."""
@@ -342,6 +352,7 @@ READERS: dict[str, Callable[[str, Any], Any]] = {
     "prob-floor": lambda k, v: _as_float(k, v, 0.0, 1.0),
     "entropy-penalty": _as_float,
     "per-layer-mixture": _as_bool,
+    "train-base": _as_bool,
     "server-optimizer": _choice("server-optimizer"),
     "server-lr": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
     "server-momentum": lambda k, v: _as_float(k, v, 0.0, 1.0),
@@ -445,6 +456,7 @@ _FALLBACK_PRESETS = {
     "num-adaptors": 4,
     "rank": 0.1,
     "adapt-norm": False,
+    "train-base": True,
 }
 
 
@@ -502,6 +514,11 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
             "prob-floor",
             cfg.prob_floor,
             f"a number with prob-floor * num-adaptors <= 1 (num-adaptors = {cfg.num_adaptors})",
+        )
+    if not cfg.train_base and cfg.method not in FROZEN_BASE_METHODS:
+        raise ConfigError(
+            f"run config 'train-base' = false cannot be combined with 'method' = {cfg.method!r}: "
+            f"a frozen base is supported by {', '.join(repr(m) for m in FROZEN_BASE_METHODS)}"
         )
     return cfg
 

@@ -4,7 +4,7 @@ Blumenstein, NeurIPS 2024, arXiv 2403.19211), FedDPA-T, adapted to the small mod
 The original freezes a pretrained LLM and puts two LoRA adapters on it: a **global** one (FedAvg)
 and a **local** one (private), combined at inference with an instance-wise weight from the cosine
 similarity between the test input and a few local training inputs. Our tasks have no pretrained
-backbone, so the adaptation is:
+backbone unless ``train-base`` = false (below), so the adaptation is:
 
 - the model is the task model wrapped by the FLoRAL parameterization with exactly two adaptor
   slots of rank ``rank`` on the same layers: slot 0 = global adaptor, slot 1 = local adaptor; the
@@ -30,6 +30,8 @@ backbone, so the adaptation is:
   batch needs at most 21 forward passes (the mixture folds into the weights per forward).
 - Holdout clients: zero-shot = the fresh (zero) local adaptor, i.e. the global model; adapted =
   ``adapt-steps`` local-phase steps on the local adaptor.
+- ``train-base`` = false is FedDPA's own setting: a frozen (pretrained) backbone, never sent; the
+  global adaptor and the task's head are federated, the local adaptor stays private.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from torch import nn
 from floral_flwr.floral import Floral
 from floral_flwr.floral.adaptors import Adaptor
 from floral_flwr.methods.base import MethodSpec, ModelHandle, register
-from floral_flwr.methods.floral import floral_kwargs
+from floral_flwr.methods.floral import build_floral_model
 from floral_flwr.methods.training import sgd_steps, train_local
 
 LOCAL_WEIGHT = 0.5  # a, FedDPA-T's local_weight
@@ -102,11 +104,11 @@ class FedDPAHandle(ModelHandle):
 
     @classmethod
     def build(cls, cfg: Any, build_model: Callable[[], nn.Module]) -> "FedDPAHandle":
-        kw = floral_kwargs(cfg)
-        # FedDPA's adaptors are LoRA started at zero (global and local), not FLoRAL's mixture init
-        kw.update(num_adaptors=2, mixture_noise=0.0, prob_floor=0.0, temperature=1.0,
-                  entropy_penalty=0.0, per_layer_mixture=False, adaptor_init="zero")
-        fm = Floral(build_model(), **kw)
+        # FedDPA's adaptors are LoRA started at zero (global and local), not FLoRAL's mixture init;
+        # with train-base = false the backbone is frozen (FedDPA's own setting)
+        fm = build_floral_model(cfg, build_model(), num_adaptors=2, mixture_noise=0.0, prob_floor=0.0,
+                                temperature=1.0, entropy_penalty=0.0, per_layer_mixture=False,
+                                adaptor_init="zero")
         fm.mixture.logits.requires_grad_(False)
         h = cls(FedDPAModel(fm))
         h.module.set_p(1.0, 0.0)
