@@ -45,7 +45,8 @@ def test_frozen_base_run_keeps_the_base_and_reports_bytes(tmp_path):
     from floral_flwr.inline import run_inline
 
     cfg = {"task": "digits-label-shift", "method": "floral", "train-base": False, "num-server-rounds": 3,
-           "output-dir": str(tmp_path), "run-name": "frozen", "eval-every": 3}
+           "output-dir": str(tmp_path), "run-name": "frozen", "eval-every": 3,
+           "aggregation": "mean"}  # the plaintext wire: this test reads single replies
     before = build_handle(parse_run_config(cfg), get_task("digits-label-shift", num_clients=4, seed=0).build_model)
     summary, grid = run_inline(cfg, 4)
     record = next(r.content["arrays"] for r in grid.replies_seen if "arrays" in r.content.array_records)
@@ -57,3 +58,21 @@ def test_frozen_base_run_keeps_the_base_and_reports_bytes(tmp_path):
         if "fc1" in name and "adaptor" not in name:
             assert torch.equal(dict(after.named_parameters())[name].detach().cpu(), p.detach()), name
     assert summary["final"]["accuracy-mean"] > 0.1
+
+
+def test_frozen_base_under_secure_aggregation_keeps_the_base_and_learns(tmp_path):
+    """The default aggregation (secagg) masks only what travels: adaptors and head."""
+    from floral_flwr.client.handlers import _SETUPS
+    from floral_flwr.inline import run_inline
+
+    cfg = {"task": "digits-label-shift", "method": "floral", "train-base": False, "num-server-rounds": 3,
+           "output-dir": str(tmp_path), "run-name": "frozen-secagg", "eval-every": 3}
+    assert parse_run_config(cfg).aggregation == "secagg"
+    before = build_handle(parse_run_config(cfg), get_task("digits-label-shift", num_clients=4, seed=0).build_model)
+    summary, _ = run_inline(cfg, 4)
+    (setup,) = _SETUPS.values()
+    after = dict(setup.handle.module.named_parameters())
+    for name, p in before.module.named_parameters():
+        if "fc1" in name and "adaptor" not in name:
+            assert torch.equal(after[name].detach().cpu(), p.detach()), name
+    assert summary["failures"] == 0 and summary["final"]["accuracy-mean"] > 0.1

@@ -279,7 +279,8 @@ def test_frozen_base_sends_only_adaptors_and_head(stack, tmp_path, method):
     from floral_flwr.inline import run_inline
 
     cfg = {"task": "wordnet-label-shift", "method": method, "data-dir": stack["dir"], "num-server-rounds": 2,
-           "output-dir": str(tmp_path / "out"), "run-name": method, "eval-every": 1, "lr": 0.2}
+           "output-dir": str(tmp_path / "out"), "run-name": method, "eval-every": 1, "lr": 0.2,
+           "aggregation": "mean"}  # the plaintext wire: this test reads single replies
     assert parse_run_config(cfg).train_base is False  # the text preset
     summary, grid = run_inline(cfg, 4)
     train_replies = [r for r in grid.replies_seen if "arrays" in r.content.array_records]
