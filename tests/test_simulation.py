@@ -36,7 +36,8 @@ def test_results_are_written_consistently_and_replies_carry_no_mixture(tmp_path,
     monkeypatch.setattr(FloralStrategy, "aggregate_train", spy)
     cfg = {"task": "digits-label-shift", "num-server-rounds": 3, "eval-every": 1, "mixture-lr": 3.0,
            "output-dir": str(tmp_path), "run-name": "e2e", "min-available-nodes": 4,
-           "aggregation": "mean", "report-mixtures": True}  # plaintext replies inspected (secagg: below)
+           "aggregation": "mean", "report-mixtures": True,  # plaintext replies inspected (secagg: below)
+           "num-threads": 1}  # one intra-op thread in both engines: a matmul's sum order is the same
     simulate(cfg, 4)
     run = tmp_path / "e2e"
 
@@ -99,7 +100,7 @@ def test_secure_aggregation_runs_in_the_ray_simulation_as_in_process(tmp_path):
     """The default (secagg) through Flower's simulation engine: Flower's SecAgg+ workflow on the
     engine's grid, the mod in Ray actors; the same global model as the inline engine, bit for bit
     (the mod's rounding noise is seeded per client and round, the masked sums are exact)."""
-    cfg = {"task": "digits-label-shift", "num-server-rounds": 2, "eval-every": 2, "mixture-lr": 3.0,
+    cfg = {"task": "digits-label-shift", "num-server-rounds": 2, "eval-every": 2, "mixture-lr": 3.0, "num-threads": 1,
            "output-dir": str(tmp_path), "run-name": "ray", "min-available-nodes": 4}
     simulate(cfg, 4)
     rounds = list(csv.DictReader((tmp_path / "ray" / "rounds.csv").open()))
