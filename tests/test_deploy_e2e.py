@@ -131,7 +131,10 @@ def test_secure_aggregation_survives_a_dropout_in_deployment(tmp_path):
     assert [int(r["round"]) for r in rows] == [1, 2]
     assert all(int(r["received"]) == 2 and int(r["failures"]) == 1 for r in rows)
     dropped = [ln for ln in log.splitlines() if "left secure aggregation" in ln]
-    assert len(dropped) == 2 and all("'collect_masked_vectors'" in ln and "secagg-drop-at" in ln for ln in dropped)
+    # the node drops out of every exchange at that stage: both train rounds (and the last round's
+    # secure ARI tally, when it is logged before the run ends)
+    assert len([ln for ln in dropped if "(train)" in ln]) == 2
+    assert all("'collect_masked_vectors'" in ln and "secagg-drop-at" in ln for ln in dropped)
     assert rows[-1]["cluster-ari"] != ""  # the secure tally ran with the live nodes
     meta = json.loads((out / "secure" / "checkpoint" / "meta.json").read_text())
     final = load_npz(out / "secure" / "checkpoint" / f"state-{meta['round']:06d}.npz")
