@@ -45,7 +45,7 @@ from floral_flwr.config import METHODS, nearest
 DEFAULT_TASKS = ("digits-rotate", "digits-label-shift", "synthetic-linear", "synthetic-mlp")
 # rounds per task with --quick (evaluation at the end only)
 QUICK_ROUNDS = {"digits": 20, "synthetic-linear": 100, "synthetic-mlp": 40, "mnist": 20, "cifar": 10}
-METHOD_ORDER = ("fedavg", "fedavg-ft", "local-adaptor", "ditto", "feddpa", "ifca", "fedem",
+METHOD_ORDER = ("fedavg", "fedavg-ft", "local-adaptor", "ditto", "feddpa", "feddpa-capped", "ifca", "fedem",
                 "ensemble", "ensemble-oracle", "floral", "floral-oracle")
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 METHODS = (
     "floral", "floral-oracle", "fedavg", "local-adaptor",
     # the baselines (each a peer module of floral_flwr/methods; tests check this list against its registry)
-    "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa",
+    "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa", "feddpa-capped",
 )
 # (method, server-optimizer) pairs that cannot work together; checked before round 1.
 INCOMPATIBLE: dict[tuple[str, str], str] = {
@@ -100,9 +100,10 @@ DEFAULTS: dict[str, Any] = {
     "prob-floor": 0.0,
     "entropy-penalty": 0.0,
     "per-layer-mixture": False,
-    # server optimizer applied to the aggregate (fedavg = plain replacement)
-    "server-optimizer": "fedavg",
-    "server-lr": 1.0,
+    # server optimizer applied to the aggregate (fedavg = plain replacement; "auto": the task's
+    # paper setting, e.g. FedAdam with lr 0.001 for CIFAR-100, else fedavg / 1.0)
+    "server-optimizer": AUTO,
+    "server-lr": AUTO,
     "server-momentum": 0.9,
     "proximal-mu": 0.01,
     # "mean": clients send their states, the server weights and averages; "sum-only": clients
@@ -160,8 +161,8 @@ KEY_HELP: dict[str, str] = {
     "prob-floor": "clamp the mixture p from below",
     "entropy-penalty": "adds entropy-penalty * H(p) to the loss",
     "per-layer-mixture": "one mixture per adapted layer instead of one per client",
-    "server-optimizer": "server step on the aggregate",
-    "server-lr": "server learning rate (FedAvgM, FedOpt)",
+    "server-optimizer": "server step on the aggregate (auto: the task's paper setting)",
+    "server-lr": "server learning rate (FedAvgM, FedOpt; auto: the task's paper setting)",
     "server-momentum": "FedAvgM momentum",
     "proximal-mu": "FedProx mu",
     "aggregation": "mean, or sum-only (the form secure aggregation needs)",
@@ -237,7 +238,7 @@ class RunConfig:
     @property
     def is_floral(self) -> bool:
         """True when the model carries FLoRAL adaptors (and a private mixture)."""
-        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa")
+        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa", "feddpa-capped")
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict of the resolved values (what config.json records)."""
@@ -517,6 +518,8 @@ _FALLBACK_PRESETS = {
     "num-adaptors": 4,
     "rank": 0.1,
     "adapt-norm": False,
+    "server-optimizer": "fedavg",
+    "server-lr": 1.0,
 }
 
 
@@ -539,9 +542,18 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
     method = READERS["method"]("method", merged["method"])
 
     presets = task_presets(task) if tasks is not None else {}
+    opt_auto = _is_auto("server-optimizer", merged["server-optimizer"])
+    lr_auto = _is_auto("server-lr", merged["server-lr"])
     for key in AUTO_KEYS:
         if _is_auto(key, merged[key]):
             merged[key] = presets.get(key, _FALLBACK_PRESETS[key])
+    if opt_auto and (method, merged["server-optimizer"]) in INCOMPATIBLE:
+        # the task's paper optimizer cannot serve this method (IFCA and a stateful optimizer):
+        # "auto" then means plain replacement
+        merged["server-optimizer"] = _FALLBACK_PRESETS["server-optimizer"]
+    if lr_auto and merged["server-optimizer"] != presets.get("server-optimizer", _FALLBACK_PRESETS["server-optimizer"]):
+        # the preset's lr belongs to the preset's optimizer (CIFAR-100: Adam's 0.001), not another
+        merged["server-lr"] = _FALLBACK_PRESETS["server-lr"]
 
     values = {key: READERS[key](key, merged[key]) for key in DEFAULTS if key not in ("task", "method")}
     cfg = RunConfig(

@@ -156,11 +156,19 @@ def task_defaults(name: str, data_dir: Optional[str] = None, **options: Any) -> 
     if not isinstance(name, str) or name not in TASK_NAMES:
         raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
     if name in IMAGE_NAMES:
-        from .images import data_variant, image_defaults
+        from .images import data_variant, image_defaults, image_extra_defaults
 
         c = options.get("num_clusters", options.get("num-clusters"))
-        return image_defaults(name, c, data_variant(name, data_dir or None))
-    return dict(get_task(name, num_clients=None, **options).defaults)
+        return {**image_defaults(name, c, data_variant(name, data_dir or None)),
+                **_server_presets(image_extra_defaults(name))}
+    task = get_task(name, num_clients=None, **options)
+    return {**task.defaults, **_server_presets(task.extra_defaults)}
+
+
+def _server_presets(extra: dict) -> dict:
+    """The paper's server optimizer and lr from a task's ``extra_defaults``: what the run-config
+    keys ``server-optimizer`` / ``server-lr`` = "auto" resolve to."""
+    return {k: extra[k] for k in ("server-optimizer", "server-lr") if k in extra}
 
 
 def clear_cache() -> None:
