@@ -113,6 +113,9 @@ DEFAULTS: dict[str, Any] = {
     "holdout-clients": 0.0,
     "adapt-steps": 20,
     "ditto-lambda": 1.0,
+    # a fraction of every client's train split held out, never trained on; evaluation uses it
+    # instead of the test split (hyper-parameter tuning: compare --tune)
+    "validation-fraction": 0.0,
     # data and outputs
     "data-dir": "",
     "output-dir": "~/floral-results",
@@ -169,6 +172,7 @@ KEY_HELP: dict[str, str] = {
     "holdout-clients": "fraction of clients that never train (zero-shot vs adapted metrics)",
     "adapt-steps": "local steps to fit what is personal at evaluation",
     "ditto-lambda": "Ditto's proximal weight",
+    "validation-fraction": "hold out this fraction of each client's train split; evaluate on it instead of test (tuning)",
     "data-dir": "directory with train/test parquet files for the image tasks",
     "output-dir": "where run directories go",
     "run-name": "run directory name ('' = <task>-<method>-seed<seed>-<timestamp>)",
@@ -227,6 +231,7 @@ class RunConfig:
     holdout_clients: float
     adapt_steps: int
     ditto_lambda: float
+    validation_fraction: float
     data_dir: str
     output_dir: str
     run_name: str
@@ -433,6 +438,7 @@ READERS: dict[str, Callable[[str, Any], Any]] = {
     "holdout-clients": lambda k, v: _as_float(k, v, 0.0, 0.9),
     "adapt-steps": lambda k, v: _as_int(k, v, 0),
     "ditto-lambda": lambda k, v: _as_float(k, v, 0.0),
+    "validation-fraction": lambda k, v: _as_float(k, v, 0.0, 0.9),
     "data-dir": _as_text("a directory path or ''", lambda v: True),
     "output-dir": _as_text("a non-empty directory path", lambda v: bool(v.strip())),
     "run-name": _as_text(

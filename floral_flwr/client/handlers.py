@@ -30,6 +30,7 @@ from floral_flwr.config import RunConfig, parse_run_config
 from floral_flwr.holdout import holdout_clients
 from floral_flwr.methods import METHOD_SPECS, ModelHandle, build_handle, check_method_task
 from floral_flwr.tasks import get_task
+from floral_flwr.tasks.validation_split import validation_split
 from floral_flwr.wire import from_array, to_array
 
 logger = logging.getLogger("floral_flwr")
@@ -246,6 +247,16 @@ def _augment_for(task: Any, cid: int) -> Any:
     return lambda x, gen: fn(x, gen, cluster=cluster)
 
 
+def client_data(setup: ClientSetup, cid: int) -> Any:
+    """This client's data; with ``validation-fraction`` > 0 the train split minus the held-out
+    rows, and the held-out rows in place of the test split (a tuning run never reads test)."""
+    data = setup.task.client_data(cid)
+    cfg = setup.cfg
+    if cfg.validation_fraction <= 0:
+        return data
+    return validation_split(data, cfg.validation_fraction, cfg.seed, cid)
+
+
 def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
     setup = get_setup(context, run_config)
     cfg = setup.cfg
@@ -255,7 +266,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
     store = open_store(context, setup, cid, config)
     _load_shared(setup, msg)
     restore_private(setup, context, store, rnd)
-    data = setup.task.client_data(cid)
+    data = client_data(setup, cid)
     seed_torch(seed_for(cfg.seed, rnd, cid))  # mixture noise, dropout
     result = setup.handle.train_round(
         data.train_x,
@@ -305,7 +316,7 @@ def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any
     _load_shared(setup, msg)
     # evaluation after round r uses the state saved in round r
     restore_private(setup, context, store, rnd + 1)
-    data = setup.task.client_data(cid)
+    data = client_data(setup, cid)
     task, handle = setup.task, setup.handle
     extra: dict[str, Any] = {}
     seed_torch(seed_for(cfg.seed, rnd, cid) + 2)
@@ -372,7 +383,7 @@ def handle_query(msg: Message, context: Context, run_config: Mapping[str, Any] |
         path = export_personalized(setup, context, msg, cid)
         return Message(RecordDict({"metrics": MetricRecord({"client-id": cid, "exported": int(path is not None)})}),
                        reply_to=msg)
-    data = setup.task.client_data(cid)
+    data = client_data(setup, cid)
     cluster = setup.task.cluster_of(cid)
     metrics = {
         "client-id": cid,
