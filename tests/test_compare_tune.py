@@ -156,3 +156,21 @@ def test_tune_then_report_fresh_seeds_with_the_chosen_values(tmp_path, capsys):
     assert compare.main(argv) == 0
     log = capsys.readouterr().out
     assert "8 runs (8 already finished, 0 to do)" in log and "4 runs (4 already finished, 0 to do)" in log
+
+
+def test_quick_stays_quick_and_the_readme_leads_with_it():
+    # the README's first comparison command: --quick, one label-shift task, three methods, one seed
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    first = re.search(r"python -m floral_flwr\.compare (.*?)(?:\n(?!\s{4})|$)", readme.split("### Comparing methods")[1],
+                      re.S).group(1)
+    words = first.replace("\\\n", " ").split()
+    assert "--quick" in words and words[words.index("--seeds") + 1] == "1"
+    tasks = words[words.index("--tasks") + 1:words.index("--methods")]
+    methods = words[words.index("--methods") + 1:words.index("--seeds")]
+    assert tasks == ["digits-label-shift"] and {"fedavg", "floral"} <= set(methods) and len(methods) <= 3
+    # its budget in rounds x clients (no wall-clock threshold): 80 rounds x 20 clients at most
+    for t in tasks:
+        assert compare.quick_rounds(t) <= 80 and compare.quick_clients(t) == 20
+        assert compare.quick_rounds(t) * compare.quick_clients(t) * len(methods) <= 80 * 20 * 3
