@@ -1,3 +1,4 @@
+# size: the comparison runner end to end (job keys, resumable sweep, tuning protocol, reports); one CLI, read top to bottom.
 """The comparison runner: every (task, method, seed) through the real apps, one table.
 
 ```
