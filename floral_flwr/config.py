@@ -509,7 +509,8 @@ def task_presets(task: str) -> dict[str, Any]:
     from floral_flwr import tasks
 
     if hasattr(tasks, "task_defaults"):
-        return dict(tasks.task_defaults(task))
+        # + the paper's server optimizer / lr (the tasks' extra_defaults: CIFAR-100's Adam)
+        return {**tasks.task_defaults(task), **tasks.task_server_presets(task)}
     return dict(tasks.get_task(task, num_clients=None).defaults)
 
 

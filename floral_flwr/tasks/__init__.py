@@ -58,7 +58,7 @@ IMAGE_NAMES = tuple(n for b in _IMAGE_BASE for n in (b, b + "-reduced"))
 
 TASK_NAMES: tuple[str, ...] = SYNTHETIC_NAMES + DIGITS_NAMES + IMAGE_NAMES
 
-__all__ = ["task_info", "TaskInfo", "get_task", "task_defaults", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS",
+__all__ = ["task_info", "TaskInfo", "get_task", "task_defaults", "task_server_presets", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS",
            "clear_cache"]
 
 _TASKS: "OrderedDict[tuple, Task]" = OrderedDict()
@@ -156,18 +156,25 @@ def task_defaults(name: str, data_dir: Optional[str] = None, **options: Any) -> 
     if not isinstance(name, str) or name not in TASK_NAMES:
         raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
     if name in IMAGE_NAMES:
-        from .images import data_variant, image_defaults, image_extra_defaults
+        from .images import data_variant, image_defaults
 
         c = options.get("num_clusters", options.get("num-clusters"))
-        return {**image_defaults(name, c, data_variant(name, data_dir or None)),
-                **_server_presets(image_extra_defaults(name))}
-    task = get_task(name, num_clients=None, **options)
-    return {**task.defaults, **_server_presets(task.extra_defaults)}
+        return image_defaults(name, c, data_variant(name, data_dir or None))
+    return dict(get_task(name, num_clients=None, **options).defaults)
 
 
-def _server_presets(extra: dict) -> dict:
-    """The paper's server optimizer and lr from a task's ``extra_defaults``: what the run-config
-    keys ``server-optimizer`` / ``server-lr`` = "auto" resolve to."""
+def task_server_presets(name: str) -> dict:
+    """The paper's server optimizer and lr of task ``name`` (from its ``extra_defaults``; no
+    data loaded): what the run-config keys ``server-optimizer`` / ``server-lr`` = "auto"
+    resolve to (CIFAR-100: FedAdam, 0.001)."""
+    if not isinstance(name, str) or name not in TASK_NAMES:
+        raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
+    if name in IMAGE_NAMES:
+        from .images import image_extra_defaults
+
+        extra = image_extra_defaults(name)
+    else:
+        extra = get_task(name, num_clients=None).extra_defaults
     return {k: extra[k] for k in ("server-optimizer", "server-lr") if k in extra}
 
 
