@@ -1,3 +1,4 @@
+# size: the comparison runner end to end (job keys, resumable sweep, tuning protocol, reports); one CLI, read top to bottom.
 """The comparison runner: every (task, method, seed) through the real apps, one table.
 
 ```
@@ -19,9 +20,10 @@ writes ``comparison.csv`` (one row per run), ``comparison.md`` (mean ± std over
 method, the best cell of each column in bold, as the paper's Table 1; plus wall time and bytes per
 round) and ``comparison.png``.
 
-``--quick`` uses small round budgets (``QUICK_ROUNDS``) that fit a 2-core machine in about 15
-minutes for the digits and synthetic tasks with all methods and one seed (``--jobs 2`` runs two
-runs at a time). Without ``--quick`` each task's preset (the paper's rounds) is used unless
+``--quick`` uses small budgets (``QUICK_ROUNDS``, ``QUICK_CLIENTS``): the README's first command
+(digits-label-shift, FedAvg / FLoRAL / FLoRAL-oracle, one seed) takes a few minutes on 2 cores and
+already shows FLoRAL far ahead of FedAvg; all methods on the digits and synthetic tasks with one
+seed take longer (``--jobs 2`` runs two runs at a time). Without ``--quick`` each task's preset (the paper's rounds) is used unless
 ``--rounds`` is given. ``--set key=value`` passes extra run-config keys to every run.
 """
 
@@ -44,9 +46,22 @@ from floral_flwr.config import METHODS, nearest
 
 DEFAULT_TASKS = ("digits-rotate", "digits-label-shift", "synthetic-linear", "synthetic-mlp")
 # rounds per task with --quick (evaluation at the end only)
-QUICK_ROUNDS = {"digits": 20, "synthetic-linear": 100, "synthetic-mlp": 40, "mnist": 20, "cifar": 10}
-METHOD_ORDER = ("fedavg", "fedavg-ft", "local-adaptor", "ditto", "feddpa", "ifca", "fedem",
+# digits: 80, because FLoRAL's clusters separate from round ~40 on (digits-label-shift seed 0:
+# accuracy 30 % at rounds 10-20, the same as FedAvg, 55 % at 50, 64 % at 60; FedAvg stays ~28 %)
+QUICK_ROUNDS = {"digits": 80, "synthetic-linear": 100, "synthetic-mlp": 40, "mnist": 20, "cifar": 10}
+METHOD_ORDER = ("fedavg", "fedavg-ft", "local-adaptor", "ditto", "feddpa", "feddpa-capped", "ifca", "fedem",
                 "ensemble", "ensemble-oracle", "floral", "floral-oracle")
+
+
+# clients with --quick (None: the task's K)
+QUICK_CLIENTS: dict[str, int | None] = {"digits": 20}
+
+
+def quick_clients(task: str) -> int | None:
+    for prefix, k in QUICK_CLIENTS.items():
+        if task.startswith(prefix):
+            return k
+    return None
 
 
 def quick_rounds(task: str) -> int:
@@ -159,7 +174,8 @@ def _fmt(mu: float, sd: float, metric: str) -> str:
     return f"{mu:.4f} ± {sd:.4f}"
 
 
-def write_reports(rows: list[dict[str, Any]], out: Path, tasks: list[str], methods: list[str]) -> None:
+def write_reports(rows: list[dict[str, Any]], out: Path, tasks: list[str], methods: list[str],
+                  chosen: dict[tuple[str, str], dict[str, Any]] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fields: list[str] = []
     for r in rows:
@@ -223,6 +239,17 @@ def write_reports(rows: list[dict[str, Any]], out: Path, tasks: list[str], metho
                     a = _mean_std([r["holdout-adapted"] for r in rs])
                     lines.append(f"| {t} | {m} | {_fmt(*z, met)} | {_fmt(*a, met)} | "
                                  f"{rs[0].get('holdout-adapt-steps', '')} |")
+    if chosen:
+        lines += ["", "## Tuned hyper-parameters", "",
+                  "Chosen per task and method on a validation split of each client's train data "
+                  "(same grid for every method, seeds disjoint from the reported ones; `tuning.json`, "
+                  "`tuning.csv`).", "", "| task | method | chosen | validation metric |", "|---|---|---|---|"]
+        for t in tasks:
+            for m in methods:
+                c = chosen.get((t, m))
+                if c is not None:
+                    lines.append(f"| {t} | {m} | {point_label(c['values'])} | "
+                                 f"{_fmt(c['validation-mean'], c['validation-std'], c['metric'])} |")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     try:
         _plot(stats, tasks, methods, metric_of, out / "comparison.png")
@@ -260,44 +287,150 @@ def _plot(stats, tasks, methods, metric_of, path: Path) -> None:
     plt.close(fig)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` -> seeds 0, 1, 2; ``"5,6,7"`` -> those seeds (fresh seeds for reporting)."""
+    parts = [p for p in str(text).replace(" ", "").split(",") if p]
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"expected N or a comma-separated list of seeds, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise ValueError(f"expected N >= 1 or seeds >= 0, got {text!r}")
+    if len(parts) == 1 and "," not in str(text):
+        return list(range(vals[0]))
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"seeds repeat in {text!r}")
+    return vals
+
+
+# keys a --tune grid may not vary: what is compared, how it is seeded and split, where it goes
+_UNTUNABLE = ("task", "method", "seed", "validation-fraction", *_PLACEMENT_KEYS)
+
+
+def parse_grid(specs: list[str]) -> list[dict[str, Any]]:
+    """``["mixture-lr=0.3,1,3", "lr=0.05,0.1"]`` -> the 6 points of the product, in order.
+
+    Raises ``ConfigError`` naming an unknown key and its nearest key (the config validator's
+    message), or a bad value (the key's reader)."""
+    from floral_flwr.config import ConfigError, check_keys, precheck_run_config
+
+    axes: list[tuple[str, list[Any]]] = []
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(f"--tune expects KEY=V1,V2,..., got {spec!r}")
+        key, vals = spec.split("=", 1)
+        key = key.strip()
+        check_keys({key: None})
+        if key in _UNTUNABLE:
+            raise ConfigError(f"--tune: {key!r} cannot be tuned (allowed: any run-config key but "
+                              f"{', '.join(_UNTUNABLE)})")
+        if key in (k for k, _ in axes):
+            raise ConfigError(f"--tune: {key!r} is given twice")
+        values = [_parse_value(v) for v in vals.split(",") if v.strip()]
+        if not values:
+            raise ConfigError(f"--tune: {key!r} has no values")
+        for v in values:
+            precheck_run_config({key: v})
+        axes.append((key, values))
+    points: list[dict[str, Any]] = [{}]
+    for key, values in axes:
+        points = [{**pt, key: v} for pt in points for v in values]
+    return points
+
+
+def point_label(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in point.items()) or "(preset)"
+
+
+def _better(a: float, b: float, metric: str) -> bool:
+    """a strictly better than b (NaN is worst)."""
+    if math.isnan(a):
+        return False
+    if math.isnan(b):
+        return True
+    return a < b if metric == "mse" else a > b
+
+
+def choose(tuning_rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (task, method): the grid point with the best mean validation metric over the tuning
+    seeds (ties: the earlier point). A point with a failed run counts as failed (NaN)."""
+    by: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in tuning_rows:
+        by.setdefault((r["task"], r["method"], r["point"]), []).append(r)
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    for (t, m, i), rs in sorted(by.items(), key=lambda kv: kv[0]):
+        vals = [r["value"] for r in rs]
+        mu, sd = _mean_std(vals)
+        if any(not (isinstance(v, (int, float)) and math.isfinite(v)) for v in vals):
+            mu = float("nan")
+        metric = rs[0]["metric"]
+        entry = {"point": i, "values": points[i], "validation-mean": mu, "validation-std": sd,
+                 "n": len(rs), "metric": metric}
+        cur = chosen.get((t, m))
+        if cur is None or _better(mu, cur["validation-mean"], metric):
+            chosen[(t, m)] = entry
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m floral_flwr.compare", description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     ap.add_argument("--methods", nargs="+", default=["all"], help="method names or 'all'")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    ap.add_argument("--quick", action="store_true", help="small round budgets (QUICK_ROUNDS)")
+    ap.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or a list such as 5,6,7 (the reported seeds)")
+    ap.add_argument("--quick", action="store_true", help="small budgets (QUICK_ROUNDS, QUICK_CLIENTS)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds for every task (overrides --quick)")
     ap.add_argument("--clients", type=int, default=None, help="number of clients (default: the task's K)")
     ap.add_argument("--eval-every", type=int, default=None, help="default: only the last round")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra run-config keys")
+    ap.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a tuning grid axis (repeat for a product grid): every method gets the same "
+                         "grid, chosen on a validation split of the train data, then --seeds report")
+    ap.add_argument("--tune-seeds", default="100,101",
+                    help="seeds of the tuning runs (disjoint from --seeds); default 100,101")
+    ap.add_argument("--validation-fraction", type=float, default=0.2,
+                    help="with --tune: the fraction of each client's train split held out for tuning")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--out", default="comparison")
     ap.add_argument("--verbose", action="store_true", help="show each run's round lines")
     ap.add_argument("--rerun", action="store_true", help="run again even runs that finished with the same config")
     args = ap.parse_args(argv)
 
-    from floral_flwr.config import ConfigError, parse_run_config, precheck_run_config
-    from floral_flwr.preflight import check_run_config
+    from floral_flwr.config import ConfigError, precheck_run_config
 
     tasks = [t for s in args.tasks for t in s.split(",") if t]
     methods = [m for s in args.methods for m in s.split(",") if m]
     if methods == ["all"]:
         methods = [m for m in METHOD_ORDER if m in METHODS]
+    try:
+        seeds = parse_seeds(args.seeds)
+        tune_seeds = parse_seeds(args.tune_seeds) if args.tune else []
+    except ValueError as exc:
+        print(f"[compare] error: --seeds/--tune-seeds: {exc}", file=sys.stderr)
+        return 2
+    if set(seeds) & set(tune_seeds):
+        print(f"[compare] error: --tune-seeds {tune_seeds} and --seeds {seeds} share "
+              f"{sorted(set(seeds) & set(tune_seeds))}: report on fresh seeds", file=sys.stderr)
+        return 2
     extra = {}
     for kv in args.set:
         if "=" not in kv:
             ap.error(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         extra[k] = _parse_value(v)
-    # fast checks first (no torch): every name and every --set value
+    # fast checks first (no torch): every name, every --set value and every grid value
     try:
+        points = parse_grid(args.tune) if args.tune else []
+        if args.tune:
+            precheck_run_config({"validation-fraction": args.validation_fraction})
+            if args.validation_fraction <= 0:
+                raise ConfigError("--validation-fraction must be > 0 with --tune (tuning never reads test)")
         for t in tasks:
             for m in methods:
                 precheck_run_config({"task": t, "method": m, **extra})
     except ConfigError as exc:
         print(f"[compare] error: {exc}", file=sys.stderr)
         return 2
-    from floral_flwr.tasks import TASK_NAMES, task_defaults
+    from floral_flwr.tasks import TASK_NAMES
 
     for t in tasks:  # a task newer than config.TASKS passes the pre-check; this is the authority
         if t not in TASK_NAMES:
@@ -307,89 +440,179 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out = Path(args.out).resolve()
     runs_dir = out / "runs"
-    jobs = []
+    sweep = _Sweep(args, tasks, methods, runs_dir)
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    if points:
+        tune_cells = [(t, m, s, {**extra, **pt, "validation-fraction": args.validation_fraction}, i)
+                      for t in tasks for m in methods for i, pt in enumerate(points) for s in tune_seeds]
+        try:
+            tune_jobs = sweep.jobs(tune_cells)
+        except ConfigError as exc:
+            print(f"[compare] error: {exc}", file=sys.stderr)
+            return 2
+        print(f"[compare] tuning: {len(points)} grid point(s) x {len(tune_seeds)} seed(s) for every "
+              f"method, on a {args.validation_fraction:g} validation split of each client's train data",
+              flush=True)
+        tuning_rows: list[dict[str, Any]] = []
+
+        def on_tune(j: dict[str, Any], row: dict[str, Any]) -> None:
+            row.update({"point": j["point"], "grid": point_label(points[j["point"]]),
+                        "validation-fraction": args.validation_fraction})
+            tuning_rows.append(row)
+            write_tuning(tuning_rows, chosen, points, tune_seeds, args.validation_fraction, out)
+
+        failures = sweep.execute(tune_jobs, on_tune)
+        chosen = choose(tuning_rows, points)
+        write_tuning(tuning_rows, chosen, points, tune_seeds, args.validation_fraction, out)
+        for (t, m), c in chosen.items():
+            print(f"[compare] tuned {t} {m}: {point_label(c['values'])} (validation "
+                  f"{c['metric']} {c['validation-mean']:.4f})", flush=True)
+        if failures:
+            print(f"[compare] {failures} tuning run(s) failed (they count as the worst point)", file=sys.stderr)
+    cells = []
     for t in tasks:
-        # the data directory may hold a prepared subset with its own K (mnist-5k: 20)
-        data_dir = str(extra.get("data-dir") or "") or None
-        K = args.clients or int(task_defaults(t, data_dir=data_dir).get("num-clients", 20))
-        rounds = args.rounds or (quick_rounds(t) if args.quick else None)
         for m in methods:
-            for s in range(args.seeds):
-                cfg = {"task": t, "method": m, "seed": s, **extra}
-                if rounds:
-                    cfg["num-server-rounds"] = rounds
-                try:  # every config is checked before the first run starts
-                    cfg["eval-every"] = args.eval_every or parse_run_config(cfg).num_server_rounds
-                    resolved = check_run_config(cfg, K, fix="give --clients at least that many").to_dict()
-                except ConfigError as exc:
-                    print(f"[compare] error: {t}/{m}: {exc}", file=sys.stderr)
-                    return 2
-                key = config_key(resolved, K)
-                jobs.append({"task": t, "method": m, "seed": s, "config": cfg, "num-clients": K,
-                             "output-dir": str(runs_dir), "run-name": run_name(t, m, s, key),
-                             "verbose": args.verbose})
-    # seed-major order: an interrupted sweep has every cell with fewer seeds, not some cells empty
-    jobs.sort(key=lambda j: (j["seed"], tasks.index(j["task"]), methods.index(j["method"])))
+            pt = chosen[(t, m)]["values"] if (t, m) in chosen else {}
+            cells += [(t, m, s, {**extra, **pt}, chosen[(t, m)]["point"] if (t, m) in chosen else None)
+                      for s in seeds]
+    try:
+        jobs = sweep.jobs(cells)
+    except ConfigError as exc:
+        print(f"[compare] error: {exc}", file=sys.stderr)
+        return 2
     rows: list[dict[str, Any]] = []
-    todo = []
-    reused = []
-    for j in jobs:
-        summ = runs_dir / j["run-name"] / "summary.json"
-        if summ.exists() and not args.rerun:
-            rows.append(_row(j["task"], j["method"], j["seed"], json.loads(summ.read_text())))
-            reused.append(j["run-name"])
-        else:
-            if args.rerun:
-                shutil.rmtree(runs_dir / j["run-name"], ignore_errors=True)
-            todo.append(j)
-    n_total = len(jobs)
-    if reused:
-        print(f"[compare] reusing {len(reused)} finished run(s) with the same resolved config "
-              f"(--rerun to run them again): {', '.join(reused)}", flush=True)
-    print(f"[compare] {n_total} runs ({len(jobs) - len(todo)} already finished, {len(todo)} to do); "
-          f"results in {out}", flush=True)
-    t0 = time.monotonic()
-    done = 0
 
-    def report(j: dict[str, Any], summary: dict[str, Any] | None, err: str | None) -> None:
-        nonlocal done
-        done += 1
-        el = time.monotonic() - t0
-        eta = el / done * (len(todo) - done)
-        i = n_total - len(todo) + done
-        if summary is not None:
-            r = _row(j["task"], j["method"], j["seed"], summary)
-            rows.append(r)
-            res = f"{r['metric']} {r['value']:.4f}"
-            write_reports(rows, out, tasks, methods)
-        else:
-            res = f"FAILED: {err}"
-        print(f"[compare] run {i}/{n_total} {j['task']} {j['method']} seed {j['seed']} | {res} | "
-              f"elapsed {el / 60:.1f} min | ETA {eta / 60:.1f} min", flush=True)
+    def on_report(j: dict[str, Any], row: dict[str, Any]) -> None:
+        if j["point"] is not None:
+            row["tuned"] = point_label(points[j["point"]])
+        rows.append(row)
+        write_reports(rows, out, tasks, methods, chosen)
 
-    failures = 0
-    if args.jobs <= 1:
-        for j in todo:
-            try:
-                report(j, run_one(j), None)
-            except Exception as exc:  # one failed run must not stop the sweep
-                failures += 1
-                report(j, None, f"{type(exc).__name__}: {exc}")
-    else:
-        import multiprocessing as mp
+    failures = sweep.execute(jobs, on_report)
+    write_reports(rows, out, tasks, methods, chosen)
+    print(f"[compare] done in {(time.monotonic() - sweep.t0) / 60:.1f} min; {out / 'comparison.md'}", flush=True)
+    return 1 if failures else 0
 
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(run_one, j): j for j in todo}
-            for fut in as_completed(futs):
-                j = futs[fut]
+
+class _Sweep:
+    """Builds run jobs (every config checked before the first run) and runs them, reusing
+    finished runs with the same resolved config."""
+
+    def __init__(self, args: argparse.Namespace, tasks: list[str], methods: list[str], runs_dir: Path) -> None:
+        self.args, self.tasks, self.methods, self.runs_dir = args, tasks, methods, runs_dir
+        self.t0 = time.monotonic()
+
+    def jobs(self, cells: list[tuple[str, str, int, dict[str, Any], int | None]]) -> list[dict[str, Any]]:
+        from floral_flwr.config import ConfigError, parse_run_config
+        from floral_flwr.preflight import check_run_config
+        from floral_flwr.tasks import task_defaults
+
+        args = self.args
+        jobs = []
+        for t, m, s, extra, point in cells:
+            # the data directory may hold a prepared subset with its own K (mnist-5k: 20)
+            data_dir = str(extra.get("data-dir") or "") or None
+            K = args.clients or (quick_clients(t) if args.quick else None) or int(
+                task_defaults(t, data_dir=data_dir).get("num-clients", 20))
+            rounds = args.rounds or (quick_rounds(t) if args.quick else None)
+            cfg = {"task": t, "method": m, "seed": s, **extra}
+            if rounds and "num-server-rounds" not in extra:
+                cfg["num-server-rounds"] = rounds
+            try:  # every config is checked before the first run starts
+                cfg["eval-every"] = args.eval_every or parse_run_config(cfg).num_server_rounds
+                resolved = check_run_config(cfg, K, fix="give --clients at least that many").to_dict()
+            except ConfigError as exc:
+                raise ConfigError(f"{t}/{m}: {exc}") from None
+            key = config_key(resolved, K)
+            jobs.append({"task": t, "method": m, "seed": s, "config": cfg, "num-clients": K,
+                         "output-dir": str(self.runs_dir), "run-name": run_name(t, m, s, key),
+                         "verbose": args.verbose, "point": point})
+        # seed-major order: an interrupted sweep has every cell with fewer seeds, not some cells empty
+        jobs.sort(key=lambda j: (j["seed"], self.tasks.index(j["task"]), self.methods.index(j["method"]),
+                                 j["point"] or 0))
+        return jobs
+
+    def execute(self, jobs: list[dict[str, Any]], on_row: Any) -> int:
+        """Run what is not finished; ``on_row(job, row)`` for every finished run. Returns the
+        number of failed runs."""
+        args, runs_dir = self.args, self.runs_dir
+        todo, reused = [], []
+        for j in jobs:
+            summ = runs_dir / j["run-name"] / "summary.json"
+            if summ.exists() and not args.rerun:
+                on_row(j, _row(j["task"], j["method"], j["seed"], json.loads(summ.read_text())))
+                reused.append(j["run-name"])
+            else:
+                if args.rerun:
+                    shutil.rmtree(runs_dir / j["run-name"], ignore_errors=True)
+                todo.append(j)
+        n_total = len(jobs)
+        if reused:
+            print(f"[compare] reusing {len(reused)} finished run(s) with the same resolved config "
+                  f"(--rerun to run them again): {', '.join(reused)}", flush=True)
+        print(f"[compare] {n_total} runs ({len(jobs) - len(todo)} already finished, {len(todo)} to do); "
+              f"results in {runs_dir.parent}", flush=True)
+        t0 = time.monotonic()
+        done = 0
+        failures = 0
+
+        def report(j: dict[str, Any], summary: dict[str, Any] | None, err: str | None) -> None:
+            nonlocal done
+            done += 1
+            el = time.monotonic() - t0
+            eta = el / done * (len(todo) - done)
+            i = n_total - len(todo) + done
+            if summary is not None:
+                r = _row(j["task"], j["method"], j["seed"], summary)
+                on_row(j, r)
+                res = f"{r['metric']} {r['value']:.4f}"
+            else:
+                res = f"FAILED: {err}"
+            print(f"[compare] run {i}/{n_total} {j['task']} {j['method']} seed {j['seed']} | {res} | "
+                  f"elapsed {el / 60:.1f} min | ETA {eta / 60:.1f} min", flush=True)
+
+        if args.jobs <= 1:
+            for j in todo:
                 try:
-                    report(j, fut.result(), None)
-                except Exception as exc:
+                    report(j, run_one(j), None)
+                except Exception as exc:  # one failed run must not stop the sweep
                     failures += 1
                     report(j, None, f"{type(exc).__name__}: {exc}")
-    write_reports(rows, out, tasks, methods)
-    print(f"[compare] done in {(time.monotonic() - t0) / 60:.1f} min; {out / 'comparison.md'}", flush=True)
-    return 1 if failures else 0
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as ex:
+                futs = {ex.submit(run_one, j): j for j in todo}
+                for fut in as_completed(futs):
+                    j = futs[fut]
+                    try:
+                        report(j, fut.result(), None)
+                    except Exception as exc:
+                        failures += 1
+                        report(j, None, f"{type(exc).__name__}: {exc}")
+        return failures
+
+
+def write_tuning(rows: list[dict[str, Any]], chosen: dict[tuple[str, str], dict[str, Any]],
+                 points: list[dict[str, Any]], tune_seeds: list[int], fraction: float, out: Path) -> None:
+    """``tuning.csv`` (one row per tuning run, metric on the validation split) and
+    ``tuning.json`` (the grid, the seeds, and the choice per task and method)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with (out / "tuning.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    doc = {
+        "grid": points, "tune-seeds": tune_seeds, "validation-fraction": fraction,
+        "selection": "best mean validation metric over the tune seeds (accuracy: highest, mse: lowest)",
+        "chosen": {f"{t}/{m}": {**c, "label": point_label(c["values"])} for (t, m), c in chosen.items()},
+    }
+    tmp = out / "tuning.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    os.replace(tmp, out / "tuning.json")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from floral_flwr.config_values import (  # noqa: F401  (ConfigError, nearest, RA
 METHODS = (
     "floral", "floral-oracle", "fedavg", "local-adaptor", "fedavg-lora",
     # the baselines (each a peer module of floral_flwr/methods; tests check this list against its registry)
-    "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa",
+    "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa", "feddpa-capped",
 )
 # (method, server-optimizer) pairs that cannot work together; checked before round 1.
 INCOMPATIBLE: dict[tuple[str, str], str] = {
@@ -69,7 +69,7 @@ PER_CLIENT_ROBUST = ("trimmed-mean", "median")
 AUTO = "auto"
 # methods that run with a frozen base ("train-base" = false): the Floral-wrapped ones; with a
 # frozen base, "fedavg" averages what trains, i.e. it is "fedavg-lora" (one shared LoRA)
-FROZEN_BASE_METHODS = ("floral", "floral-oracle", "fedavg", "fedavg-lora", "local-adaptor", "feddpa")
+FROZEN_BASE_METHODS = ("floral", "floral-oracle", "fedavg", "fedavg-lora", "local-adaptor", "feddpa", "feddpa-capped")
 # Task names, kept here (like METHODS) so that a misspelled task is caught without importing
 # torch. ``floral_flwr.tasks.TASK_NAMES`` stays the authority: a name missing here is looked up
 # there by the full check, and a test keeps the two equal.
@@ -125,9 +125,10 @@ DEFAULTS: dict[str, Any] = {
     # false: the base model is frozen and never sent (a pretrained backbone); only the adaptors
     # and the task's head train and travel ("auto": the task's preset, true except text tasks)
     "train-base": AUTO,
-    # server optimizer applied to the aggregate (fedavg = plain replacement)
-    "server-optimizer": "fedavg",
-    "server-lr": 1.0,
+    # server optimizer applied to the aggregate (fedavg = plain replacement; "auto": the task's
+    # paper setting, e.g. FedAdam with lr 0.001 for CIFAR-100, else fedavg / 1.0)
+    "server-optimizer": AUTO,
+    "server-lr": AUTO,
     "server-momentum": 0.9,
     "proximal-mu": 0.01,
     # what the server sees of each client (KEY_HELP, README and docs/privacy.md say it per value)
@@ -146,6 +147,9 @@ DEFAULTS: dict[str, Any] = {
     "clip-norm": 0.0,
     "trim-fraction": 0.2,
     "max-examples": 0.0,
+    # a fraction of every client's train split held out, never trained on; evaluation uses it
+    # instead of the test split (hyper-parameter tuning: compare --tune)
+    "validation-fraction": 0.0,
     # data and outputs
     "data-dir": "",
     "output-dir": "~/floral-results",
@@ -195,8 +199,8 @@ KEY_HELP: dict[str, str] = {
     "entropy-penalty": "adds entropy-penalty * H(p) to the loss",
     "per-layer-mixture": "one mixture per adapted layer instead of one per client",
     "train-base": "false: frozen base never sent, only adaptors + head train and travel",
-    "server-optimizer": "server step on the aggregate",
-    "server-lr": "server learning rate (FedAvgM, FedOpt)",
+    "server-optimizer": "server step on the aggregate (auto: the task's paper setting)",
+    "server-lr": "server learning rate (FedAvgM, FedOpt; auto: the task's paper setting)",
     "server-momentum": "FedAvgM momentum",
     "proximal-mu": "FedProx mu",
     "aggregation": "secagg (Flower's SecAgg+: the server sees only sums), mean (reveals n_k p_k) or sum-only (plaintext sums)",
@@ -212,6 +216,7 @@ KEY_HELP: dict[str, str] = {
     "clip-norm": "robust clip: the bound on each update's L2 norm; 0 = per round the median of the replies' norms",
     "trim-fraction": "robust trimmed-mean: the weight trimmed from each end, in [0, 0.5)",
     "max-examples": "the most examples one reply may weigh; 0 = no operator bound (the server's own bound always applies)",
+    "validation-fraction": "hold out this fraction of each client's train split; evaluate on it instead of test (tuning)",
     "data-dir": "directory with train/test parquet files for the image tasks",
     "output-dir": "where run directories go",
     "run-name": "run directory name ('' = <task>-<method>-seed<seed>-<timestamp>)",
@@ -276,6 +281,7 @@ class RunConfig:
     clip_norm: float
     trim_fraction: float
     max_examples: float
+    validation_fraction: float
     data_dir: str
     output_dir: str
     run_name: str
@@ -287,8 +293,8 @@ class RunConfig:
     @property
     def is_floral(self) -> bool:
         """True when the model carries FLoRAL adaptors (and a private mixture)."""
-        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa", "fedavg-lora") or (
-            self.method == "fedavg" and not self.train_base)
+        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa", "feddpa-capped",
+                               "fedavg-lora") or (self.method == "fedavg" and not self.train_base)
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict of the resolved values (what config.json records)."""
@@ -370,6 +376,7 @@ READERS: dict[str, Callable[[str, Any], Any]] = {
     "clip-norm": lambda k, v: _as_float(k, v, 0.0),
     "trim-fraction": _as_trim_fraction,
     "max-examples": lambda k, v: _as_float(k, v, 0.0),
+    "validation-fraction": lambda k, v: _as_float(k, v, 0.0, 0.9),
     "data-dir": _as_text("a directory path or ''", lambda v: True),
     "output-dir": _as_text("a non-empty directory path", lambda v: bool(v.strip())),
     "run-name": _as_text(
@@ -441,7 +448,8 @@ def task_presets(task: str) -> dict[str, Any]:
     from floral_flwr import tasks
 
     if hasattr(tasks, "task_defaults"):
-        return dict(tasks.task_defaults(task))
+        # + the paper's server optimizer / lr (the tasks' extra_defaults: CIFAR-100's Adam)
+        return {**tasks.task_defaults(task), **tasks.task_server_presets(task)}
     return dict(tasks.get_task(task, num_clients=None).defaults)
 
 
@@ -457,6 +465,8 @@ _FALLBACK_PRESETS = {
     "rank": 0.1,
     "adapt-norm": False,
     "train-base": True,
+    "server-optimizer": "fedavg",
+    "server-lr": 1.0,
 }
 
 
@@ -479,9 +489,18 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
     method = READERS["method"]("method", merged["method"])
 
     presets = task_presets(task) if tasks is not None else {}
+    opt_auto = _is_auto("server-optimizer", merged["server-optimizer"])
+    lr_auto = _is_auto("server-lr", merged["server-lr"])
     for key in AUTO_KEYS:
         if _is_auto(key, merged[key]):
             merged[key] = presets.get(key, _FALLBACK_PRESETS[key])
+    if opt_auto and (method, merged["server-optimizer"]) in INCOMPATIBLE:
+        # the task's paper optimizer cannot serve this method (IFCA and a stateful optimizer):
+        # "auto" then means plain replacement
+        merged["server-optimizer"] = _FALLBACK_PRESETS["server-optimizer"]
+    if lr_auto and merged["server-optimizer"] != presets.get("server-optimizer", _FALLBACK_PRESETS["server-optimizer"]):
+        # the preset's lr belongs to the preset's optimizer (CIFAR-100: Adam's 0.001), not another
+        merged["server-lr"] = _FALLBACK_PRESETS["server-lr"]
 
     values = {key: READERS[key](key, merged[key]) for key in DEFAULTS if key not in ("task", "method")}
     cfg = RunConfig(

@@ -129,6 +129,6 @@ def test_the_config_key_covers_every_resolved_key_but_placement():
             assert compare.config_key(changed, 4) != key, k
 
 
-@pytest.mark.parametrize("task,rounds", [("digits-rotate", 20), ("synthetic-linear", 100), ("synthetic-mlp", 40)])
+@pytest.mark.parametrize("task,rounds", [("digits-rotate", 80), ("synthetic-linear", 100), ("synthetic-mlp", 40)])
 def test_quick_budgets(task, rounds):
     assert compare.quick_rounds(task) == rounds

@@ -37,6 +37,7 @@ from floral_flwr.methods.training import evaluate_local, seed_for, seed_torch
 from floral_flwr.config import RunConfig
 from floral_flwr.holdout import holdout_clients
 from floral_flwr.methods import METHOD_SPECS, ModelHandle
+from floral_flwr.tasks.validation_split import validation_split
 from floral_flwr.wire import from_array, to_array
 
 logger = logging.getLogger("floral_flwr")
@@ -187,6 +188,16 @@ def _augment_for(task: Any, cid: int) -> Any:
     return lambda x, gen: fn(x, gen, cluster=cluster)
 
 
+def client_data(setup: ClientSetup, cid: int) -> Any:
+    """This client's data; with ``validation-fraction`` > 0 the train split minus the held-out
+    rows, and the held-out rows in place of the test split (a tuning run never reads test)."""
+    data = setup.task.client_data(cid)
+    cfg = setup.cfg
+    if cfg.validation_fraction <= 0:
+        return data
+    return validation_split(data, cfg.validation_fraction, cfg.seed, cid)
+
+
 @dataclass
 class LocalRound:
     """What one local training round produced (before it is packed into a reply)."""
@@ -213,7 +224,7 @@ def train_once(context: Context, config: ConfigRecord, shared: ArrayRecord,
     store = open_store(context, setup, cid, config)
     _load_shared_record(setup, shared)
     restore_private(setup, context, store, rnd)
-    data = setup.task.client_data(cid)
+    data = client_data(setup, cid)
     seed_torch(seed_for(cfg.seed, rnd, cid))  # mixture noise, dropout
     result = setup.handle.train_round(
         data.train_x,
@@ -282,7 +293,7 @@ def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any
     _load_shared(setup, msg)
     # evaluation after round r uses the state saved in round r
     restore_private(setup, context, store, rnd + 1)
-    data = setup.task.client_data(cid)
+    data = client_data(setup, cid)
     task, handle = setup.task, setup.handle
     extra: dict[str, Any] = {}
     seed_torch(seed_for(cfg.seed, rnd, cid) + 2)
@@ -356,7 +367,7 @@ def handle_query(msg: Message, context: Context, run_config: Mapping[str, Any] |
         path = export_personalized(setup, context, msg, cid)
         return Message(RecordDict({"metrics": MetricRecord({"client-id": cid, "exported": int(path is not None)})}),
                        reply_to=msg)
-    data = setup.task.client_data(cid)
+    data = client_data(setup, cid)
     cluster = setup.task.cluster_of(cid)
     metrics = {
         "client-id": cid,

@@ -16,7 +16,7 @@ module              methods
 :mod:`.ifca`          ``ifca``
 :mod:`.fedem`         ``fedem``
 :mod:`.ditto`         ``ditto``
-:mod:`.feddpa`        ``feddpa``
+:mod:`.feddpa`        ``feddpa``, ``feddpa-capped``
 =================== =========================================================================
 
 Shared machinery: :mod:`.base` (the :class:`ModelHandle` interface and the registry),

@@ -28,6 +28,15 @@ backbone unless ``train-base`` = false (below), so the adaptation is:
   puts the similarity weight on the global branch, which baselines.md flags as unverified; we use
   the orientation that matches the paper's motivation and say so.) s is rounded to 1/20 so a
   batch needs at most 21 forward passes (the mixture folds into the weights per forward).
+- the dynamic weight's cap: the released code multiplies the similarity by ``max_weight`` = 0.5
+  (``GlobalModel_generated.py: get_weight``), so the similarity-weighted branch never gets more
+  than half. Two methods: ``feddpa`` (the shipped default, **no cap**: w = s(x), the paper's
+  equation as we read it) and ``feddpa-capped`` (w = 0.5 s(x), the released code's cap, on our
+  orientation). ``compare --methods all`` reports both rows.
+- weight decay (``weight-decay``) shrinks only what the phase trains: the stacked adaptor tensor
+  holds both slots in one Parameter, so the optimizer's decay would also shrink the frozen slot;
+  the adaptor group therefore has ``weight_decay`` 0 and the decay of the trained slot is added
+  in the same gradient hook that zeroes the frozen slot. The local phase trains with no decay.
 - Holdout clients: zero-shot = the fresh (zero) local adaptor, i.e. the global model; adapted =
   ``adapt-steps`` local-phase steps on the local adaptor.
 - ``train-base`` = false is FedDPA's own setting: a frozen (pretrained) backbone, never sent; the
@@ -43,20 +52,21 @@ import torch
 from torch import nn
 
 from floral_flwr.floral import Floral
-from floral_flwr.floral.adaptors import Adaptor
 from floral_flwr.methods.base import MethodSpec, ModelHandle, register
 from floral_flwr.methods.floral import build_floral_model
 from floral_flwr.methods.training import sgd_steps, train_local
 
 LOCAL_WEIGHT = 0.5  # a, FedDPA-T's local_weight
+RELEASED_MAX_WEIGHT = 0.5  # the released code's cap on the dynamic weight (feddpa-capped)
 NUM_REFS = 5
 GRID = 20
 
 
 class FedDPAModel(nn.Module):
-    def __init__(self, fm: Floral) -> None:
+    def __init__(self, fm: Floral, max_weight: float = 1.0) -> None:
         super().__init__()
         self.fm = fm
+        self.max_weight = float(max_weight)  # w(x) = max_weight * s(x)
         self.refs: torch.Tensor | None = None
         linears = [m for m in fm.model.modules() if isinstance(m, nn.Linear)]
         self._last_linear = linears[-1] if linears else None
@@ -85,7 +95,7 @@ class FedDPAModel(nn.Module):
         with torch.no_grad():
             e = torch.nn.functional.normalize(self.embed(x), dim=1)
             r = torch.nn.functional.normalize(self.embed(self.refs.to(x.device)), dim=1)
-            s = (e @ r.T).mean(1).clamp(0.0, 1.0)
+            s = self.max_weight * (e @ r.T).mean(1).clamp(0.0, 1.0)
             level = torch.round(s * GRID).long()
         out = None
         for lv in torch.unique(level).tolist():
@@ -103,14 +113,14 @@ class FedDPAHandle(ModelHandle):
     num_adaptors = 1  # on the wire: the global adaptor only
 
     @classmethod
-    def build(cls, cfg: Any, build_model: Callable[[], nn.Module]) -> "FedDPAHandle":
+    def build(cls, cfg: Any, build_model: Callable[[], nn.Module], max_weight: float = 1.0) -> "FedDPAHandle":
         # FedDPA's adaptors are LoRA started at zero (global and local), not FLoRAL's mixture init;
         # with train-base = false the backbone is frozen (FedDPA's own setting)
         fm = build_floral_model(cfg, build_model(), num_adaptors=2, mixture_noise=0.0, prob_floor=0.0,
                                 temperature=1.0, entropy_penalty=0.0, per_layer_mixture=False,
                                 adaptor_init="zero")
         fm.mixture.logits.requires_grad_(False)
-        h = cls(FedDPAModel(fm))
+        h = cls(FedDPAModel(fm, max_weight))
         h.module.set_p(1.0, 0.0)
         return h
 
@@ -164,36 +174,45 @@ class FedDPAHandle(ModelHandle):
     def adaptor_weights(self, n: float) -> list[float]:
         return [float(n)]
 
-    def _slot_masks(self, frozen: int) -> dict[int, torch.Tensor]:
-        """Per adaptor parameter (by id): 1 everywhere except 0 on adaptor slot ``frozen``.
-
-        A bank's parameter is not always indexed by the adaptor first (linear banks are the
-        2-d matrices [A_1; A_2] and [B_1 | B_2]); :meth:`Adaptor.state_items` gives views with
-        the adaptor first, so the mask is written through those views into a parameter-shaped
-        tensor (the parameter's values are restored)."""
-        masks: dict[int, torch.Tensor] = {}
-        for mod in self.fm.modules():
-            if not isinstance(mod, Adaptor):
+    def _slot_layouts(self) -> list[tuple[nn.Parameter, list[tuple[tuple[int, ...], tuple[int, ...], int]]]]:
+        """Per adaptor Parameter, where each of its wire tensors (adaptor index first) lies in
+        it: (shape, stride, offset). A linear layer stores ``in`` as (C*r, d_in) and ``out`` as
+        (d_out, C*r), so slot c is not ``param[c]``; the wire tensors are views that say where
+        it is."""
+        by_storage = {p.untyped_storage().data_ptr(): p for p in self._adaptor_params()}
+        layouts: dict[int, tuple[nn.Parameter, list[Any]]] = {}
+        for k, v in self.fm.shared_state_dict().items():
+            if not k.startswith("adaptor."):
                 continue
-            params = list(mod.parameters(recurse=False))
-            with torch.no_grad():
-                saved = [p.detach().clone() for p in params]
-                for p in params:
-                    p.fill_(1.0)
-                for _, view in mod.state_items():  # views of the parameters just filled
-                    view[frozen] = 0.0
-                for p, old in zip(params, saved):
-                    masks[id(p)] = p.detach().clone()
-                    p.copy_(old)
-        return masks
+            p = by_storage.get(v.untyped_storage().data_ptr())
+            if p is None:
+                raise RuntimeError(f"'{k}' is not a view of an adaptor parameter: cannot mask a slot")
+            layouts.setdefault(id(p), (p, []))[1].append(
+                (tuple(v.shape), tuple(v.stride()), v.storage_offset() - p.storage_offset()))
+        return list(layouts.values())
 
-    def _mask_slot(self, frozen: int) -> list[Any]:
-        """Zero the gradient of adaptor slot ``frozen`` (the C slots share one Parameter)."""
-        masks = self._slot_masks(frozen)
-        return [p.register_hook(lambda g, m=masks[id(p)]: g * m) for p in self._adaptor_params()]
+    def _mask_slot(self, frozen: int, weight_decay: float = 0.0) -> list[Any]:
+        """Zero the gradient of adaptor slot ``frozen`` (the slots share one Parameter) and add
+        ``weight_decay`` * w to the trained slot's only (the optimizer's own decay would shrink
+        the frozen slot too, so the adaptor groups have ``weight_decay`` 0)."""
+        trained = 1 - frozen
+
+        def hook_for(p: nn.Parameter, views: list[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+            def hook(g: torch.Tensor) -> torch.Tensor:
+                out = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device)
+                out.copy_(g)
+                w = p.detach()
+                for shape, stride, offset in views:
+                    gv = out.as_strided(shape, stride, offset)
+                    gv[frozen] = 0
+                    if weight_decay:
+                        gv[trained] += weight_decay * w.as_strided(shape, stride, w.storage_offset() + offset)[trained]
+                return out
+            return hook
+        return [p.register_hook(hook_for(p, views)) for p, views in self._slot_layouts()]
 
     def _local_groups(self, lr: float) -> list[dict[str, Any]]:
-        return [{"params": self._adaptor_params(), "lr": lr}]
+        return [{"params": self._adaptor_params(), "lr": lr, "weight_decay": 0.0}]
 
     def train_round(self, x, y, loss_fn, **kw):  # type: ignore[override]
         m = self.module
@@ -209,7 +228,7 @@ class FedDPAHandle(ModelHandle):
         # (2) global phase: base + global adaptor alone, p = [1, 0]
         m.set_p(1.0, 0.0)
         self._phase = "global"
-        hooks = self._mask_slot(1)
+        hooks = self._mask_slot(1, float(kw.get("weight_decay", 0.0)))
         try:
             result = train_local(self, x, y, loss_fn, **kw)
         finally:
@@ -223,7 +242,9 @@ class FedDPAHandle(ModelHandle):
     def param_groups(self, lr: float, mixture_lr: float) -> list[dict[str, Any]]:
         if self._phase == "local":
             return self._local_groups(lr)
-        return [{"params": self._base_params() + self._adaptor_params(), "lr": lr}]
+        # the adaptor's decay acts in _mask_slot, on the global slot only
+        return [{"params": self._base_params(), "lr": lr},
+                {"params": self._adaptor_params(), "lr": lr, "weight_decay": 0.0}]
 
     def adapt_groups(self, lr: float, mixture_lr: float) -> list[dict[str, Any]]:
         return self._local_groups(lr)
@@ -260,6 +281,16 @@ register(MethodSpec(
     "adaptor, instance-wise dynamic weighting at inference",
     uses_adaptors=True,
     build=FedDPAHandle.build,
+    federated="base and the global adaptor (weights n_k)",
+    private="the local adaptor",
+))
+
+register(MethodSpec(
+    "feddpa-capped",
+    "FedDPA with the released code's cap: dynamic weight 0.5 x the similarity "
+    "(get_weight's max_weight)",
+    uses_adaptors=True,
+    build=lambda cfg, build_model: FedDPAHandle.build(cfg, build_model, RELEASED_MAX_WEIGHT),
     federated="base and the global adaptor (weights n_k)",
     private="the local adaptor",
 ))

@@ -21,7 +21,16 @@ arXiv 2006.04088), model-averaging variant (Option II).
   lowest-train-loss model (no gradient step: choosing is IFCA's personalization).
 - The reply carries all C models (only slice j is used): uplink is C x the model; a sum-only
   deployment would send the C-slot vector anyway (baselines.md §1, SecAgg note).
-- Initialisation: C independent random inits (the paper's choice; no restarts).
+- Initialisation: C independent random inits, **no restarts**. The paper (§5) runs IFCA from
+  several random initialisations and keeps the best; we do not, for two reasons. (1) A restart
+  is a whole extra federation selected afterwards: R restarts cost R runs, and the comparison
+  runner gives every method the same budget of runs (``compare --tune``: the same grid size for
+  every method, chosen on a validation split), so IFCA alone with R restarts would get R x the
+  budget of the others. (2) The released CIFAR code's within-run variant (``find_good_initializer``:
+  re-draw the init until every cluster gets >= 35 % / 10 % of the sampled clients) needs the
+  server to score cluster assignments before round 1, i.e. extra query rounds that only IFCA's
+  strategy would run; not implemented. Collapse (every client on one model) is therefore
+  possible and shows as ``cluster-ari`` near 0 in the summary.
 """
 
 from __future__ import annotations

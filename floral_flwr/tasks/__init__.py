@@ -63,7 +63,7 @@ IMAGE_NAMES = tuple(n for b in _IMAGE_BASE for n in (b, b + "-reduced"))
 
 TASK_NAMES: tuple[str, ...] = SYNTHETIC_NAMES + DIGITS_NAMES + IMAGE_NAMES + TEXT_NAMES
 
-__all__ = ["task_info", "TaskInfo", "get_task", "task_defaults", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS",
+__all__ = ["task_info", "TaskInfo", "get_task", "task_defaults", "task_server_presets", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS",
            "clear_cache"]
 
 _TASKS: "OrderedDict[tuple, Task]" = OrderedDict()
@@ -179,6 +179,21 @@ def task_defaults(name: str, data_dir: Optional[str] = None, **options: Any) -> 
 
         return text_defaults(name, **options)
     return dict(get_task(name, num_clients=None, **options).defaults)
+
+
+def task_server_presets(name: str) -> dict:
+    """The paper's server optimizer and lr of task ``name`` (from its ``extra_defaults``; no
+    data loaded): what the run-config keys ``server-optimizer`` / ``server-lr`` = "auto"
+    resolve to (CIFAR-100: FedAdam, 0.001)."""
+    if not isinstance(name, str) or name not in TASK_NAMES:
+        raise ValueError(f"task: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
+    if name in IMAGE_NAMES:
+        from .images import image_extra_defaults
+
+        extra = image_extra_defaults(name)
+    else:
+        extra = get_task(name, num_clients=None).extra_defaults
+    return {k: extra[k] for k in ("server-optimizer", "server-lr") if k in extra}
 
 
 def clear_cache() -> None:
