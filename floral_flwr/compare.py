@@ -1,4 +1,4 @@
-# size: the comparison runner end to end (job keys, resumable sweep, tuning protocol, reports); one CLI, read top to bottom.
+# size: the comparison runner end to end (job keys, resumable sweep, reports; the tuning protocol is compare_tune.py); one CLI, read top to bottom.
 """The comparison runner: every (task, method, seed) through the real apps, one table.
 
 ```
@@ -42,6 +42,15 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from floral_flwr.compare_tune import (  # noqa: F401 - parse_grid, choose, point_label: public here too
+    _PLACEMENT_KEYS,
+    _mean_std,
+    _parse_value,
+    choose,
+    parse_grid,
+    point_label,
+    write_tuning,
+)
 from floral_flwr.config import METHODS, nearest
 
 DEFAULT_TASKS = ("digits-rotate", "digits-label-shift", "synthetic-linear", "synthetic-mlp")
@@ -72,7 +81,6 @@ def quick_rounds(task: str) -> int:
 
 
 # keys that say where a run goes, not what it computes
-_PLACEMENT_KEYS = ("output-dir", "run-name", "resume")
 
 
 def config_key(resolved: dict[str, Any], num_clients: int) -> str:
@@ -85,17 +93,6 @@ def config_key(resolved: dict[str, Any], num_clients: int) -> str:
 
 def run_name(task: str, method: str, seed: int, key: str) -> str:
     return f"{task}__{method}__seed{seed}__{key}"
-
-
-def _parse_value(v: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    return v.strip("'\"")
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -155,15 +152,6 @@ def _row(task: str, method: str, seed: int, summary: dict[str, Any]) -> dict[str
         if k in f:
             row[k.replace(f"-{m}", "")] = f[k]
     return row
-
-
-def _mean_std(vals: list[float]) -> tuple[float, float]:
-    vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    mu = sum(vals) / len(vals)
-    sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals)) if len(vals) > 1 else 0.0
-    return mu, sd
 
 
 def _fmt(mu: float, sd: float, metric: str) -> str:
@@ -301,75 +289,6 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(vals)) != len(vals):
         raise ValueError(f"seeds repeat in {text!r}")
     return vals
-
-
-# keys a --tune grid may not vary: what is compared, how it is seeded and split, where it goes
-_UNTUNABLE = ("task", "method", "seed", "validation-fraction", *_PLACEMENT_KEYS)
-
-
-def parse_grid(specs: list[str]) -> list[dict[str, Any]]:
-    """``["mixture-lr=0.3,1,3", "lr=0.05,0.1"]`` -> the 6 points of the product, in order.
-
-    Raises ``ConfigError`` naming an unknown key and its nearest key (the config validator's
-    message), or a bad value (the key's reader)."""
-    from floral_flwr.config import ConfigError, check_keys, precheck_run_config
-
-    axes: list[tuple[str, list[Any]]] = []
-    for spec in specs:
-        if "=" not in spec:
-            raise ConfigError(f"--tune expects KEY=V1,V2,..., got {spec!r}")
-        key, vals = spec.split("=", 1)
-        key = key.strip()
-        check_keys({key: None})
-        if key in _UNTUNABLE:
-            raise ConfigError(f"--tune: {key!r} cannot be tuned (allowed: any run-config key but "
-                              f"{', '.join(_UNTUNABLE)})")
-        if key in (k for k, _ in axes):
-            raise ConfigError(f"--tune: {key!r} is given twice")
-        values = [_parse_value(v) for v in vals.split(",") if v.strip()]
-        if not values:
-            raise ConfigError(f"--tune: {key!r} has no values")
-        for v in values:
-            precheck_run_config({key: v})
-        axes.append((key, values))
-    points: list[dict[str, Any]] = [{}]
-    for key, values in axes:
-        points = [{**pt, key: v} for pt in points for v in values]
-    return points
-
-
-def point_label(point: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in point.items()) or "(preset)"
-
-
-def _better(a: float, b: float, metric: str) -> bool:
-    """a strictly better than b (NaN is worst)."""
-    if math.isnan(a):
-        return False
-    if math.isnan(b):
-        return True
-    return a < b if metric == "mse" else a > b
-
-
-def choose(tuning_rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (task, method): the grid point with the best mean validation metric over the tuning
-    seeds (ties: the earlier point). A point with a failed run counts as failed (NaN)."""
-    by: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-    for r in tuning_rows:
-        by.setdefault((r["task"], r["method"], r["point"]), []).append(r)
-    chosen: dict[tuple[str, str], dict[str, Any]] = {}
-    for (t, m, i), rs in sorted(by.items(), key=lambda kv: kv[0]):
-        vals = [r["value"] for r in rs]
-        mu, sd = _mean_std(vals)
-        if any(not (isinstance(v, (int, float)) and math.isfinite(v)) for v in vals):
-            mu = float("nan")
-        metric = rs[0]["metric"]
-        entry = {"point": i, "values": points[i], "validation-mean": mu, "validation-std": sd,
-                 "n": len(rs), "metric": metric}
-        cur = chosen.get((t, m))
-        if cur is None or _better(mu, cur["validation-mean"], metric):
-            chosen[(t, m)] = entry
-    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -591,28 +510,6 @@ class _Sweep:
                         failures += 1
                         report(j, None, f"{type(exc).__name__}: {exc}")
         return failures
-
-
-def write_tuning(rows: list[dict[str, Any]], chosen: dict[tuple[str, str], dict[str, Any]],
-                 points: list[dict[str, Any]], tune_seeds: list[int], fraction: float, out: Path) -> None:
-    """``tuning.csv`` (one row per tuning run, metric on the validation split) and
-    ``tuning.json`` (the grid, the seeds, and the choice per task and method)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with (out / "tuning.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    doc = {
-        "grid": points, "tune-seeds": tune_seeds, "validation-fraction": fraction,
-        "selection": "best mean validation metric over the tune seeds (accuracy: highest, mse: lowest)",
-        "chosen": {f"{t}/{m}": {**c, "label": point_label(c["values"])} for (t, m), c in chosen.items()},
-    }
-    tmp = out / "tuning.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "tuning.json")
 
 
 if __name__ == "__main__":
