@@ -12,6 +12,7 @@ from floral_flwr.deploy.certificates import Certs
 from floral_flwr.deploy.connection import fetch_log, register_supernode, submit, wait_run, write_connection
 from floral_flwr.deploy.processes import Proc, start_superlink, start_supernode, stop_proc
 from floral_flwr.deploy.proxy import ByteCountingProxy
+from floral_flwr.deploy.settings import NodeRuntime
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Deployment:
     # SuperLink then still knows its SuperNodes, which reconnect; with the default in-memory state
     # they are refused (401) and exit, and must be restarted too
     database: bool = False
+    # how SuperNodes run ClientApps (default: the warm executor and short waits; see NodeRuntime)
+    runtime: NodeRuntime = field(default_factory=NodeRuntime)
     superlink: Proc | None = None
     nodes: dict[int, Proc] = field(default_factory=dict)
     byte_counter: "ByteCountingProxy | None" = None
@@ -60,7 +63,7 @@ class Deployment:
     def start_link(self) -> Proc:
         db = str(self.work / "superlink" / "state.db") if self.database else None
         self.superlink = start_superlink(self.work, port=self.link_port, certs=self.certs, auth=self.auth,
-                                         database=db, tie_to_parent=True)
+                                         database=db, tie_to_parent=True, task_poll=self.runtime.task_poll)
         self.link_port = int(self.address.rsplit(":", 1)[1])
         self.cli_home = write_connection(self.work, self.address, self.certs.ca if self.certs else None)
         if self.proxy and self.byte_counter is None:
@@ -79,11 +82,13 @@ class Deployment:
         if key is not None and self.cli_home is not None:
             register_supernode(self.cli_home, self.certs.node_pub(i))  # type: ignore[union-attr]
         proc = start_supernode(self.work, i, self.fleet_address, self.node_config(i), certs=self.certs,
-                               auth_key=key, max_wait_time=self.max_wait_time, tie_to_parent=True)
+                               auth_key=key, max_wait_time=self.max_wait_time, tie_to_parent=True,
+                               runtime=self.runtime)
         self.nodes[i] = proc
         return proc
 
     def __enter__(self) -> "Deployment":
+        self.runtime.check()  # before anything starts
         try:
             self.start_link()
             for i in range(self.num_supernodes):
@@ -121,4 +126,4 @@ class Deployment:
 
     def pids(self) -> list[int]:
         procs = list(self.nodes.values()) + ([self.superlink] if self.superlink else [])
-        return [p.pid for p in procs]
+        return [p.pid for p in procs] + [c.pid for p in procs for c in p.companions]

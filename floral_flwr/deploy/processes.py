@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from floral_flwr.deploy.certificates import Certs, _ssl_context
-from floral_flwr.deploy.settings import (DeployError, _env, check_insecure, check_node_config, format_node_config,
-                                         split_address)
+from floral_flwr.deploy.settings import (DeployError, NodeRuntime, _env, check_insecure, check_node_config,
+                                         format_node_config, split_address)
+from floral_flwr.deploy.warm_executor import TASK_POLL_ENV
 from floral_flwr.launch import _bin, free_port
+
+# run by path, never imported as floral_flwr.deploy.warm_executor there (see its docstring)
+WARM_EXECUTOR = Path(__file__).resolve().with_name("warm_executor.py")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Proc:
     pidfile: Path
     log: Path
     info: dict[str, Any] = field(default_factory=dict)
+    # processes that belong to this one and are stopped with it (a SuperNode's warm executor)
+    companions: list["Proc"] = field(default_factory=list)
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -49,7 +55,7 @@ def _pid_is_ours(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return "flower-superlink" in cmd or "flower-supernode" in cmd
+    return "flower-superlink" in cmd or "flower-supernode" in cmd or WARM_EXECUTOR.name in cmd
 
 
 # Execs the real command after asking the kernel to SIGTERM it when its parent dies
@@ -141,7 +147,9 @@ def stop_proc(proc: Proc, grace: float = 10.0, sig: int = signal.SIGTERM) -> Non
 
     Only a process we started (``popen``) or, from a PID file, a still-running Flower process
     that leads its own process group is signalled; anything else (a stale or recycled PID) is
-    left alone and only the PID file is removed."""
+    left alone and only the PID file is removed. Companions are stopped first."""
+    for companion in proc.companions:
+        stop_proc(companion, grace, sig)
     if proc.popen is not None:
         ours = proc.popen.poll() is None
     else:
@@ -200,9 +208,12 @@ def load_procs(work: Path, names: Iterable[str] | None = None) -> list[Proc]:
 
 
 def stop_all(work: Path, names: Iterable[str] | None = None) -> list[str]:
-    """Stop the processes recorded under ``work/pids`` (SuperNodes first)."""
+    """Stop the processes recorded under ``work/pids`` (executors, then SuperNodes, then the
+    SuperLink); naming a SuperNode also stops its executor."""
+    if names:
+        names = [*names, *(f"{n}-exec" for n in names)]
     procs = load_procs(work, names)
-    procs.sort(key=lambda p: p.name == "superlink")
+    procs.sort(key=lambda p: (p.name == "superlink", not p.name.endswith("-exec")))
     for p in procs:
         stop_proc(p)
     return [p.name for p in procs]
@@ -237,8 +248,12 @@ def start_superlink(
     allow_insecure_remote: bool = False,
     health_timeout: float = 90.0,
     tie_to_parent: bool = False,
+    task_poll: float | None = None,
 ) -> Proc:
-    """Start ``flower-superlink`` (own FLWR_HOME under ``work``) and wait until it is healthy."""
+    """Start ``flower-superlink`` (own FLWR_HOME under ``work``) and wait until it is healthy.
+
+    ``task_poll`` sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperExec it starts (how
+    soon the ServerApp starts after ``flwr run``; Flower's default 1 s)."""
     work = Path(work)
     port = port or free_port()
     cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
@@ -259,7 +274,10 @@ def start_superlink(
     home = work / "superlink"
     home.mkdir(parents=True, exist_ok=True)
     dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    proc = _spawn(work, "superlink", cmd, _env(home),
+    env = _env(home)
+    if task_poll is not None:
+        env[TASK_POLL_ENV] = str(task_poll)
+    proc = _spawn(work, "superlink", cmd, env,
                   {"address": f"{dial}:{port}", "tls": certs is not None, "auth": auth}, tie_to_parent)
     wait_healthy(dial, port, health_timeout, proc, certs.ca if certs else None)
     return proc
@@ -278,18 +296,21 @@ def start_supernode(
     allow_insecure_remote: bool = False,
     env_extra: Mapping[str, str] | None = None,
     tie_to_parent: bool = False,
+    runtime: NodeRuntime | None = None,
 ) -> Proc:
-    """Start one ``flower-supernode`` with its own FLWR_HOME and runtime ``--port``.
+    """Start one SuperNode with its own FLWR_HOME and runtime ``--port``; with the warm executor
+    (``runtime.executor == "warm"``, the default) also its executor, a companion process.
 
     ``max_wait_time`` bounds how long it retries an unreachable SuperLink before exiting
     (``None``: forever, Flower's default)."""
     work = Path(work)
+    rt = runtime or NodeRuntime()
+    rt.check()
     check_node_config(node_config)
     host, _ = split_address(superlink)
     ca = ca or (certs.ca if certs else None)
     port = port or free_port()
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
-           "--node-config", format_node_config(node_config)]
+    cmd = ["--superlink", superlink, "--port", str(port), "--node-config", format_node_config(node_config)]
     if ca is None:
         check_insecure(host, allow_insecure_remote, f"SuperNode {index}")
         cmd.append("--insecure")
@@ -303,10 +324,26 @@ def start_supernode(
         cmd += ["--auth-supernode-private-key", str(auth_key)]
     if max_wait_time is not None:
         cmd += ["--max-wait-time", str(float(max_wait_time))]
+    if rt.executor == "warm":
+        cmd += ["--isolation", "process"]  # the SuperNode starts no SuperExec; we start ours
+    if rt.node_poll:
+        cmd = [sys.executable, str(WARM_EXECUTOR), "supernode", "--node-poll", str(rt.node_poll), "--", *cmd]
+    else:
+        cmd = [_bin("flower-supernode"), *cmd]
     home = work / f"supernode-{index}"
     home.mkdir(parents=True, exist_ok=True)
     env = _env(home)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env[TASK_POLL_ENV] = str(rt.task_poll)
     env.update(env_extra or {})
-    return _spawn(work, f"supernode-{index}", cmd, env,
-                  {"superlink": superlink, "port": port, "node-config": dict(node_config)}, tie_to_parent)
+    proc = _spawn(work, f"supernode-{index}", cmd, env,
+                  {"superlink": superlink, "port": port, "node-config": dict(node_config),
+                   "executor": rt.executor, "node-poll": rt.node_poll}, tie_to_parent)
+    if rt.executor == "warm":
+        ecmd = [sys.executable, str(WARM_EXECUTOR), "executor", "--runtime-api-address", f"127.0.0.1:{port}",
+                "--insecure", "--parent-pid", str(proc.pid)]
+        if rt.preload is not None:
+            ecmd += ["--preload", rt.preload]
+        proc.companions.append(_spawn(work, f"supernode-{index}-exec", ecmd, env, {"supernode": proc.pid},
+                                      tie_to_parent))
+    return proc
