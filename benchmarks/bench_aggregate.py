@@ -185,7 +185,7 @@ def main() -> None:
     strategy = None
     msgs = None
     if not args.no_strategy:
-        from floral_flwr.strategy.floral_strategy import build_strategy
+        from floral_flwr.strategy.optimizers import build_strategy
 
         strategy = build_strategy("fedavg", num_adaptors=C, metric="accuracy", seed=0, eval_every=1,
                                   num_rounds=1, fraction_train=1.0, fraction_evaluate=1.0,
@@ -194,7 +194,7 @@ def main() -> None:
 
     def strategy_round():
         strategy._template = template
-        from floral_flwr.strategy.floral_strategy import RoundStats
+        from floral_flwr.strategy.round_stats import RoundStats
         strategy.stats = RoundStats(1)
         out, _ = strategy.aggregate_train(1, (msgs[i % len(msgs)] for i in range(args.replies)))
         assert strategy.stats.received == args.replies, strategy.stats

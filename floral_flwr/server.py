@@ -20,7 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 from floral_flwr.config import ConfigError, RunConfig, parse_run_config, resolve_output_dir
 from floral_flwr.methods import build_handle, check_method_task
 from floral_flwr.results import RunRecorder
-from floral_flwr.strategy.floral_strategy import FloralStrategy, build_strategy
+from floral_flwr.strategy.floral_strategy import FloralStrategy
+from floral_flwr.strategy.optimizers import build_strategy
 from floral_flwr.wire import to_array
 
 logger = logging.getLogger("floral_flwr")

@@ -158,7 +158,7 @@ def test_error_reply_is_counted_and_round_continues():
 
 
 def test_waiting_for_nodes_times_out_with_clear_message():
-    from floral_flwr.strategy.floral_strategy import NodeWaitTimeout
+    from floral_flwr.strategy.nodes import NodeWaitTimeout
 
     strategy = build_strategy(
         "fedavg", num_adaptors=2, metric="accuracy", seed=0, eval_every=1, num_rounds=1,

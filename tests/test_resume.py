@@ -87,7 +87,7 @@ def test_bad_run_config_stops_before_round_one(tmp_path):
         run_inline(_base(tmp_path, method="floral-oracle", **{"num-adaptors": 2}), NUM_CLIENTS)
     # an image task whose clients lack the data: one clear error naming the dataset and how to
     # provide it, raised at client discovery, before any training
-    from floral_flwr.strategy.floral_strategy import ClientSetupError
+    from floral_flwr.strategy.nodes import ClientSetupError
 
     with pytest.raises(ClientSetupError, match="dataset 'mnist'.*was not found.*floral_flwr.data download"):
         run_inline(_base(tmp_path, task="mnist-rotate", **{"data-dir": str(tmp_path)}), NUM_CLIENTS)

@@ -1,0 +1,110 @@
+"""Personalized evaluation on the server: checking evaluate replies, and summarising them.
+
+Each sampled client evaluates its own personalized model and replies with its metric, loss,
+example count and (FLoRAL) mixture. :func:`collect_eval_rows` validates the replies
+(:mod:`.validation`) into one row per client; :func:`summarize_eval` gives the mean, std,
+worst-10 %, example-weighted mean, per-cluster means and the cluster ARI of the clients that
+trained, and :func:`summarize_holdout` the zero-shot vs adapted metric of held-out clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+from flwr.common.logger import log
+
+from floral_flwr.strategy.validation import InvalidReply, validate_eval_metrics
+
+
+@dataclass
+class EvalRows:
+    """The validated rows of one evaluation round (sorted by client id) and what was dropped."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: int = 0  # error replies
+    rejected: int = 0  # replies that failed validation
+
+
+def collect_eval_rows(
+    replies: Iterable[Message], server_round: int, metric: str, num_adaptors: int,
+    client_ids: Mapping[int, int],
+) -> EvalRows:
+    """Validate each evaluate reply into a row; errors and invalid replies are logged and counted."""
+    out = EvalRows()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            out.failures += 1
+            log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, node, msg.error.reason)
+            continue
+        try:
+            if "metrics" not in msg.content.metric_records:
+                raise InvalidReply("no MetricRecord 'metrics'")
+            row = validate_eval_metrics(msg.content.metric_records["metrics"], metric, num_adaptors)
+        except (InvalidReply, ValueError, TypeError) as exc:
+            out.rejected += 1
+            log(WARNING, "round %d: rejected evaluation from node %d: %s", server_round, node, exc)
+            continue
+        row.setdefault("client-id", client_ids.get(node, -1))
+        out.rows.append(row)
+    out.rows.sort(key=lambda r: r["client-id"])
+    return out
+
+
+def summarize_round(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    """The summary of the clients that trained (all rows if none did), plus the holdout summary."""
+    trained = [r for r in rows if not r.get("holdout")]
+    held = [r for r in rows if r.get("holdout")]
+    summary = summarize_eval(trained or rows, metric)
+    if held:
+        summary.update(summarize_holdout(held, metric))
+    return summary
+
+
+def summarize_eval(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    """Mean/std/worst-10 % of the personalized metric, per-cluster means, and cluster ARI."""
+    if not rows:
+        return {}
+    vals = np.array([float(r[metric]) for r in rows])
+    higher_better = metric != "mse"
+    order = np.sort(vals) if higher_better else -np.sort(-vals)
+    k = max(1, int(np.ceil(0.1 * len(vals))))
+    weights = np.array([float(r["num-examples"]) for r in rows])
+    out = {
+        f"{metric}-mean": float(vals.mean()),
+        f"{metric}-std": float(vals.std()),
+        f"{metric}-worst10": float(order[:k].mean()),
+        f"{metric}-weighted": float((vals * weights).sum() / weights.sum()),
+        "loss-mean": float(np.mean([float(r["loss"]) for r in rows])),
+        "num-clients": float(len(rows)),
+    }
+    clusters = [int(r.get("true-cluster", -1)) for r in rows]
+    if all(c >= 0 for c in clusters):
+        for c in sorted(set(clusters)):
+            out[f"{metric}-cluster{c}"] = float(np.mean([v for v, cc in zip(vals, clusters) if cc == c]))
+        mixtures = [r.get("mixture") for r in rows]
+        if all(m for m in mixtures) and len(set(clusters)) > 1:
+            from sklearn.metrics import adjusted_rand_score
+
+            assigned = [int(np.argmax(m)) for m in mixtures]
+            out["cluster-ari"] = float(adjusted_rand_score(clusters, assigned))
+    return out
+
+
+def summarize_holdout(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    """Clients that never trained: zero-shot vs adapted metric (means over those clients)."""
+    zs = [float(r[f"zero-shot-{metric}"]) for r in rows if f"zero-shot-{metric}" in r]
+    ad = [float(r[metric]) for r in rows]
+    out = {
+        "holdout-num-clients": float(len(rows)),
+        f"holdout-{metric}-adapted": float(np.mean(ad)),
+        "holdout-adapt-steps": float(np.mean([float(r.get("adapt-steps", 0)) for r in rows])),
+    }
+    if zs:
+        out[f"holdout-{metric}-zero-shot"] = float(np.mean(zs))
+    return out
