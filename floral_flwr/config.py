@@ -57,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "min-available-nodes": 2,
     "node-wait-timeout": 120.0,
     "reply-timeout": 600.0,
+    # s between the server's pulls for replies (0 = Flower's send_and_receive, every 3 s, with
+    # one wire object per array); see floral_flwr/strategy/exchange.py
+    "reply-poll": 0.1,
     # local training
     "local-epochs": AUTO,
     "batch-size": AUTO,
@@ -123,6 +126,7 @@ class RunConfig:
     min_available_nodes: int
     node_wait_timeout: float
     reply_timeout: float
+    reply_poll: float
     local_epochs: int
     batch_size: int
     lr: float
@@ -273,6 +277,14 @@ def _as_rank(key: str, value: Any) -> float | int | str:
     raise _err(key, value, "an int >= 1, a float in (0, 1], 'sqrt', 'log' or 'full'")
 
 
+def _reply_poll(value: Any) -> float:
+    """0 (Flower's own 3 s loop) or 0.01..10 s."""
+    poll = _as_float("reply-poll", value, 0.0, 10.0)
+    if 0.0 < poll < 0.01:
+        raise _err("reply-poll", value, "0 (Flower's send_and_receive) or a number in [0.01, 10] seconds")
+    return poll
+
+
 def _known_tasks() -> tuple[str, ...] | None:
     try:
         from floral_flwr.tasks import TASK_NAMES
@@ -353,6 +365,7 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
         min_available_nodes=_as_int("min-available-nodes", merged["min-available-nodes"], 1),
         node_wait_timeout=_as_float("node-wait-timeout", merged["node-wait-timeout"], 0.0, lo_open=True),
         reply_timeout=_as_float("reply-timeout", merged["reply-timeout"], 0.0, lo_open=True),
+        reply_poll=_reply_poll(merged["reply-poll"]),
         local_epochs=_as_int("local-epochs", merged["local-epochs"], 1),
         batch_size=_as_int("batch-size", merged["batch-size"], 1),
         lr=_as_float("lr", merged["lr"], 0.0, lo_open=True),

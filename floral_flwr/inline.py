@@ -53,6 +53,9 @@ class InlineGrid(Grid):
         Round-trip messages through protobuf (default True).
     """
 
+    # the strategy's exchange() calls send_and_receive directly: nothing to poll, no wire
+    in_process = True
+
     def __init__(
         self,
         client_app: ClientApp,

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from floral_flwr.config import ConfigError, RunConfig, parse_run_config, resolve_output_dir
 from floral_flwr.methods import build_handle, check_method_task
 from floral_flwr.results import RunRecorder
+from floral_flwr.strategy.exchange import exchange
 from floral_flwr.strategy.floral_strategy import FloralStrategy
 from floral_flwr.strategy.optimizers import build_strategy
 from floral_flwr.wire import to_array
@@ -86,7 +87,7 @@ def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
         for n in grid.get_node_ids()
     ]
     done = 0
-    for reply in grid.send_and_receive(msgs, timeout=cfg.reply_timeout):
+    for reply in exchange(grid, msgs, cfg.reply_timeout, cfg.reply_poll):
         if not reply.has_error() and int(reply.content["metrics"].get("exported", 0)):
             done += 1
         elif reply.has_error():
@@ -129,6 +130,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         client_lr=cfg.lr,
     )
     strategy.sum_only = cfg.aggregation == "sum-only"
+    strategy.reply_poll = cfg.reply_poll
     start_round = 1
     arrays = initial
     if cfg.resume:

@@ -20,11 +20,12 @@ from typing import Any, Iterable, Mapping
 from floral_flwr.deploy.certificates import Certs, _ssl_context
 from floral_flwr.deploy.settings import (DeployError, NodeRuntime, _env, check_insecure, check_node_config,
                                          format_node_config, split_address)
-from floral_flwr.deploy.warm_executor import TASK_POLL_ENV
+from floral_flwr.deploy.flwr_pins import TASK_POLL_ENV
 from floral_flwr.launch import _bin, free_port
 
-# run by path, never imported as floral_flwr.deploy.warm_executor there (see its docstring)
+# both run by path (they must not import this package: see their docstrings)
 WARM_EXECUTOR = Path(__file__).resolve().with_name("warm_executor.py")
+NODE_WAITS = Path(__file__).resolve().with_name("node_waits.py")
 
 
 @dataclass
@@ -55,7 +56,7 @@ def _pid_is_ours(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return "flower-superlink" in cmd or "flower-supernode" in cmd or WARM_EXECUTOR.name in cmd
+    return any(name in cmd for name in ("flower-superlink", "flower-supernode", WARM_EXECUTOR.name, NODE_WAITS.name))
 
 
 # Execs the real command after asking the kernel to SIGTERM it when its parent dies
@@ -327,7 +328,7 @@ def start_supernode(
     if rt.executor == "warm":
         cmd += ["--isolation", "process"]  # the SuperNode starts no SuperExec; we start ours
     if rt.node_poll:
-        cmd = [sys.executable, str(WARM_EXECUTOR), "supernode", "--node-poll", str(rt.node_poll), "--", *cmd]
+        cmd = [sys.executable, str(NODE_WAITS), "--node-poll", str(rt.node_poll), "--", *cmd]
     else:
         cmd = [_bin("flower-supernode"), *cmd]
     home = work / f"supernode-{index}"
@@ -340,7 +341,7 @@ def start_supernode(
                   {"superlink": superlink, "port": port, "node-config": dict(node_config),
                    "executor": rt.executor, "node-poll": rt.node_poll}, tie_to_parent)
     if rt.executor == "warm":
-        ecmd = [sys.executable, str(WARM_EXECUTOR), "executor", "--runtime-api-address", f"127.0.0.1:{port}",
+        ecmd = [sys.executable, str(WARM_EXECUTOR), "--runtime-api-address", f"127.0.0.1:{port}",
                 "--insecure", "--parent-pid", str(proc.pid)]
         if rt.preload is not None:
             ecmd += ["--preload", rt.preload]

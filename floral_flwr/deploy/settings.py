@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from floral_flwr.deploy.warm_executor import flwr_version_problem
+from floral_flwr.deploy.flwr_pins import flwr_version_problem
 from floral_flwr.launch import OFFLINE_ENV
 
 

@@ -1,31 +1,27 @@
-"""Warm runtime for SuperNodes: a fork-server SuperExec and shorter SuperNode waits.
+"""Warm executor for SuperNodes: a fork-server SuperExec (flower-supernode ``--isolation process``).
 
 Flower 1.41/1.42 runs every message in a fresh ``flwr-clientapp`` process, which imports torch
-and the app again (seconds per message on a small CPU; see ``deploy/README.md``). This module
-keeps Flower's one-process-per-message isolation but makes the process cheap:
+and the app again (seconds per message on a small CPU; ``deploy/README.md``, "Warm executor").
+This keeps Flower's one-process-per-message isolation but makes the process cheap:
 
-``executor`` (the SuperNode runs with ``--isolation process``)
-    Imports torch (and the other ``--preload`` modules) **once**, then runs Flower's own
-    SuperExec loop (``run_superexec``: polls the SuperNode's Runtime API for task tokens) with a
-    ``ForkExecutor``: each ClientApp token is served by ``os.fork()`` of this warm process, and
-    the child runs Flower's own ClientApp entry (``run_clientapp``) for that token, then exits.
-    Once a FAB is installed on this node, the parent also imports that FAB's ClientApp module, so
-    later children start with the app loaded; a message of another FAB gets a child in which the
-    previous app's modules are dropped first (it imports its own). Other task types go to
-    Flower's ``SubprocessExecutor`` unchanged.
-``supernode``
-    Runs ``flower-supernode`` in this process with its two fixed waits shortened: the idle wait
-    between pulls (3 s) becomes ``--node-poll`` while the node was busy in the last
-    ``--hot-window`` seconds (then Flower's 3 s again), and the 0.5 s reply poll becomes
-    ``--node-poll`` / 4 (local only).
+``python .../warm_executor.py --runtime-api-address 127.0.0.1:<SuperNode port> --insecure``
+imports torch (and the other ``--preload`` modules) **once**, then runs Flower's own SuperExec
+loop (``run_superexec``: polls the SuperNode's Runtime API for task tokens) with a
+``ForkExecutor``: each ClientApp token is served by ``os.fork()`` of this warm process, and the
+child runs Flower's own ClientApp entry (``run_clientapp``) for that token, then exits. Once a
+FAB is installed on this node, the parent also imports that FAB's ClientApp module (with
+Flower's own loader), so later children start with the app loaded; a message of another FAB
+gets a child in which the previous app's modules are dropped first (it imports its own). If
+anything of ours fails in a child before Flower's entry runs, the child becomes Flower's own
+``flwr-clientapp`` for that token. Other task types go to Flower's ``SubprocessExecutor``.
 
-Both use Flower internals (names below marked INTERNAL), so the supported flwr versions are
-pinned (``SUPPORTED_FLWR``) and checked at start with a clear error; the deploy tooling falls
-back to Flower's own processes with ``--executor flower`` / ``--node-poll 0``.
+It uses Flower internals (marked INTERNAL below), so the supported flwr versions are pinned
+(``flwr_pins.py``) and checked at start with a clear error; the deploy tooling falls back to
+Flower's own SuperExec with ``--executor flower``.
 
-This file is run **by path** (``python .../warm_executor.py executor ...``) and imports only the
-standard library and flwr at module level: importing the ``floral_flwr`` package here would make
-the ClientApp use this checkout's code instead of the code in the FAB that Flower installed.
+This file is run **by path** and imports only the standard library and flwr at module level:
+importing the ``floral_flwr`` package here would make the ClientApp use this checkout's code
+instead of the code in the FAB that Flower installed.
 """
 
 from __future__ import annotations
@@ -33,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import importlib.metadata
 import os
 import signal
 import sys
@@ -41,45 +36,20 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-# Versions whose internals this module was read against and tested with (the INTERNAL names below
-# are byte-identical in 1.41.0 and 1.42.0).
-SUPPORTED_FLWR = ("1.41", "1.42")
+if __package__ in (None, ""):  # run by path: the pin module lies next to this file
+    import flwr_pins as pins  # type: ignore[no-redef]
+
+    del sys.path[0]  # this package's directory must not shadow anything (the FAB's code wins)
+else:
+    from floral_flwr.deploy import flwr_pins as pins
+
 # modules a ClientApp of this project imports; imported once by the warm parent. torch._dynamo is
 # what torch.optim pulls in lazily at the first optimizer (seconds of imports otherwise paid by
 # every forked child)
 DEFAULT_PRELOAD = ("numpy", "torch", "torch.optim", "torch._dynamo", "flwr.clientapp",
                    "flwr.supernode.runtime.run_clientapp")
-FLOWER_IDLE_WAIT_S = 3.0  # flower-supernode's hard-coded wait when no message is waiting
-FLOWER_REPLY_POLL_S = 0.5  # flower-supernode's hard-coded poll for the ClientApp's reply
-TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # documented SuperExec knob (0.01-60 s)
-EXIT_BAD_VERSION = 2
-
-
-def installed_flwr_version() -> str:
-    try:
-        return importlib.metadata.version("flwr")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def flwr_version_problem(version: str | None = None) -> str | None:
-    """None when ``version`` (default: the installed flwr) is supported, else the message."""
-    version = installed_flwr_version() if version is None else version
-    major_minor = ".".join(version.split(".")[:2])
-    if major_minor in SUPPORTED_FLWR:
-        return None
-    return (f"the warm executor / short SuperNode waits support flwr {', '.join(v + '.x' for v in SUPPORTED_FLWR)} "
-            f"(they use Flower internals), but flwr {version} is installed: use Flower's own "
-            f"processes with `--executor flower --node-poll 0`, or install a supported flwr")
-
-
-def _exit_if_unsupported() -> None:
-    problem = flwr_version_problem()
-    if problem:
-        print(f"error: {problem}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_BAD_VERSION)
 
 
 def _log(text: str) -> None:
@@ -246,19 +216,28 @@ def _reset_inherited_flwr_state() -> None:
 
 
 def _serve_token_in_child(spec: Any, stale_app: Path | None, t0: float) -> None:
-    """The forked child: Flower's ClientApp entry for one token, then ``os._exit``."""
-    code = 1
+    """The forked child: Flower's ClientApp entry for one token, then ``os._exit``. If anything
+    of ours fails before that entry runs, the child becomes Flower's own ``flwr-clientapp`` for
+    the token (a cold start, but the message is served)."""
     try:
         _reset_inherited_flwr_state()
         if stale_app is not None:
             _drop_app(stale_app)
         _FORKED.update(task_id=spec.task_id, t0=t0)
+        from flwr.supercore.tls import validate_and_resolve_root_certificates
         from flwr.supernode.runtime.run_clientapp import run_clientapp  # INTERNAL entry
+
+        certificates = validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure)
+    except BaseException:  # pylint: disable=broad-except
+        traceback.print_exc()
+        _exec_flower_entry(spec)
+    code = 1
+    try:
         run_clientapp(
             runtime_api_address=spec.runtime_api_address,
             token=spec.token,
             insecure=spec.insecure,
-            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+            certificates=certificates,
             parent_pid=spec.parent_pid,
             runtime_dependency_install=spec.runtime_dependency_install,
         )
@@ -273,6 +252,27 @@ def _serve_token_in_child(spec: Any, stale_app: Path | None, t0: float) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _exec_flower_entry(spec: Any) -> None:
+    """Replace this child by the command Flower's ``SubprocessExecutor`` would have started
+    (INTERNAL: ``TASK_TYPE_TO_COMMAND``, ``TASK_TYPE_TO_APPIO_API_ADDRESS_ARG``)."""
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
+
+    cmd = [TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+           spec.runtime_api_address, "--token", spec.token]
+    if spec.insecure:
+        cmd.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        cmd += ["--root-certificates", spec.root_certificates_path]
+    if spec.parent_pid is not None:
+        cmd += ["--parent-pid", str(spec.parent_pid)]
+    _log(f"task {spec.task_id}: the warm path failed, running Flower's own {cmd[0]} for it")
+    sys.stdout.flush()
+    try:
+        os.execvp(cmd[0], cmd)
+    finally:
+        os._exit(1)  # execvp failed
 
 
 _FORKED: dict[str, Any] = {}  # in a child: its task id and launch time
@@ -351,58 +351,10 @@ def run_executor(runtime_api_address: str, insecure: bool, root_certificates: st
     executor = ForkExecutor(warm_app=warm_app)
     _log(f"pid {os.getpid()}: imported {', '.join(preload) or 'nothing'} in {took:.2f} s; serving "
          f"ClientApp tokens of {runtime_api_address} by fork (task poll "
-         f"{os.environ.get(TASK_POLL_ENV, '1.0')} s)")
+         f"{os.environ.get(pins.TASK_POLL_ENV, '1.0')} s)")
     loop.get_executor = lambda *a, **k: executor  # type: ignore[assignment]
     loop.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
                        root_certificates_path=root_certificates, parent_pid=parent_pid)
-
-
-# ----------------------------------------------------------------------------- SuperNode waits
-
-
-class AdaptiveWaits:
-    """Stands in for the ``time`` module inside flower-supernode's main loop (INTERNAL:
-    ``flwr.supernode.start_client_internal.time``): its fixed 3 s idle wait becomes ``poll``
-    while the node handled a message within the last ``hot_window`` seconds (a round is on, the
-    next message is due soon), Flower's 3 s otherwise (an idle fleet costs the SuperLink what it
-    costs with stock Flower); its 0.5 s reply poll becomes ``poll / 4`` (a local lookup)."""
-
-    def __init__(self, poll: float, hot_window: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self.poll, self.hot_window = poll, hot_window
-        self._clock, self._sleep = clock, sleep
-        self.last_busy = -float("inf")
-
-    def sleep(self, seconds: float) -> None:
-        if seconds == FLOWER_REPLY_POLL_S:  # waiting for a reply: a message is being handled
-            self.last_busy = self._clock()
-            self._sleep(max(0.01, self.poll / 4))
-        elif seconds == FLOWER_IDLE_WAIT_S and self._clock() - self.last_busy < self.hot_window:
-            self._sleep(self.poll)
-        else:
-            self._sleep(seconds)
-
-    def __getattr__(self, name: str) -> Any:  # time.time(), time.monotonic(), ... unchanged
-        return getattr(time, name)
-
-
-def run_supernode(argv: list[str], poll: float, hot_window: float) -> None:
-    """``flower-supernode <argv>`` in this process, with ``AdaptiveWaits`` in its main loop.
-
-    The ServerApp pushes a message first and its arrays right after; a node that pulls the
-    message in between (likely once it pulls every ``poll`` s) found them missing and waited
-    1, 2, 4 ... s (Flower's object-pull backoff); it now retries after ``poll`` / 4 s, doubling
-    up to 1 s, bounded by Flower's ``max_time`` (INTERNAL: ``start_client_internal.pull_objects``)."""
-    import functools
-
-    from flwr.supernode import start_client_internal as node_loop
-    from flwr.supernode.cli import flower_supernode
-
-    node_loop.time = AdaptiveWaits(poll, hot_window)  # type: ignore[assignment]
-    node_loop.pull_objects = functools.partial(  # type: ignore[assignment]
-        node_loop.pull_objects, initial_backoff=max(0.01, poll / 4), backoff_cap=1.0, max_tries_per_object=None)
-    sys.argv = ["flower-supernode", *argv]  # flwr reads its own arguments (and argv[0])
-    flower_supernode()
 
 
 # ----------------------------------------------------------------------------- command line
@@ -411,33 +363,19 @@ def run_supernode(argv: list[str], poll: float, hot_window: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="warm_executor.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("executor", help="fork-server SuperExec for a SuperNode in --isolation process")
-    e.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
-    e.add_argument("--insecure", action="store_true")
-    e.add_argument("--root-certificates", default=None)
-    e.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
-    e.add_argument("--preload", default=",".join(DEFAULT_PRELOAD), help="modules imported once, comma-separated")
-    e.add_argument("--no-warm-app", action="store_true", help="do not import the FAB's ClientApp in the parent")
-    n = sub.add_parser("supernode", help="flower-supernode with adaptive idle waits")
-    n.add_argument("--node-poll", type=float, required=True, help="idle wait while busy (s)")
-    n.add_argument("--hot-window", type=float, default=60.0, help="seconds after a message that count as busy")
-    n.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--root-certificates", default=None)
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+    p.add_argument("--preload", default=",".join(DEFAULT_PRELOAD), help="modules imported once, comma-separated")
+    p.add_argument("--no-warm-app", action="store_true", help="do not import the FAB's ClientApp in the parent")
     a = p.parse_args(argv)
-    _exit_if_unsupported()
-    if a.cmd == "executor":
-        mods = [m for m in a.preload.split(",") if m.strip()]
-        run_executor(a.runtime_api_address, a.insecure, a.root_certificates, a.parent_pid, mods,
-                     warm_app=not a.no_warm_app)
-    else:
-        if not 0.01 <= a.node_poll <= FLOWER_IDLE_WAIT_S:
-            p.error(f"--node-poll {a.node_poll} is not in [0.01, {FLOWER_IDLE_WAIT_S}]")
-        args = a.supernode_args[1:] if a.supernode_args[:1] == ["--"] else a.supernode_args
-        run_supernode(args, a.node_poll, a.hot_window)
+    pins.exit_if_unsupported()
+    mods = [m for m in a.preload.split(",") if m.strip()]
+    run_executor(a.runtime_api_address, a.insecure, a.root_certificates, a.parent_pid, mods,
+                 warm_app=not a.no_warm_app)
     return 0
 
 
 if __name__ == "__main__":
-    if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-        del sys.path[0]  # run by path: this package's directory must not shadow anything
     raise SystemExit(main())

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from floral_flwr.strategy.aggregate import FloralAccumulator
 from floral_flwr.strategy.evaluation import collect_eval_rows, summarize_round
+from floral_flwr.strategy.exchange import DEFAULT_POLL, exchange
 from floral_flwr.strategy.nodes import ClientDirectory, sample_nodes, wait_for_nodes
 from floral_flwr.strategy.optimizer_state import DtypePin, load_optimizer_state, optimizer_state
 from floral_flwr.strategy.replies import fold_train_replies, record_nbytes, report_unanswered
@@ -121,6 +122,8 @@ class FloralStrategy(FedAvg):
         self.stats: RoundStats = RoundStats(0)
         self.total_failures = 0
         self.total_rejected = 0
+        # run config "reply-poll": s between reply pulls (0 = Flower's send_and_receive), see .exchange
+        self.reply_poll = float(getattr(self, "reply_poll", DEFAULT_POLL))
 
     # ------------------------------------------------------------------ the loop
 
@@ -161,10 +164,8 @@ class FloralStrategy(FedAvg):
     def _train_round(self, rnd: int, arrays: ArrayRecord, grid: Grid, train_config: ConfigRecord | None,
                      timeout: float, result: Result) -> ArrayRecord:
         """Configure, send, aggregate; the new global state (the old one if nothing was valid)."""
-        replies = grid.send_and_receive(
-            self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid),
-            timeout=timeout,
-        )
+        replies = exchange(grid, self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid),
+                           timeout, self.reply_poll)
         new_arrays, train_metrics = self.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = self._keep_dtypes(new_arrays)
@@ -179,7 +180,7 @@ class FloralStrategy(FedAvg):
         config = ConfigRecord(dict(evaluate_config or {}))
         eval_msgs = list(self.configure_evaluate(rnd, arrays, config, grid))
         if eval_msgs:
-            eval_metrics = self.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=timeout))
+            eval_metrics = self.aggregate_evaluate(rnd, exchange(grid, eval_msgs, timeout, self.reply_poll))
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics
 
@@ -188,8 +189,9 @@ class FloralStrategy(FedAvg):
     def sample(self, grid: Grid, fraction: float, minimum: int, server_round: int, salt: int) -> list[int]:
         """Deterministic sample of ``max(int(N * fraction), minimum)`` nodes for this round."""
         connected = wait_for_nodes(grid, max(self.min_available_nodes, minimum), self.node_wait_timeout)
-        self.clients.discover(grid)
-        nodes = self.clients.candidates(grid, connected, training=salt == TRAIN_SALT)
+        # one node list per sample: each get_node_ids is a request to the SuperLink
+        self.clients.discover(grid, poll=self.reply_poll, nodes=connected)
+        nodes = self.clients.candidates(grid, connected, training=salt == TRAIN_SALT, fresh=False)
         return sample_nodes(nodes, fraction, minimum, self.seed, server_round, salt)
 
     def configure_train(
