@@ -149,12 +149,14 @@ def test_tls_and_supernode_auth_end_to_end(tmp_path):
                    state_root=tmp_path / "state", max_wait_time=60)
     with d:
         # an unregistered key is refused by the SuperLink: the SuperNode exits, no hang
-        intruder = deploy.start_supernode(d.work, 1, d.address, {"partition-id": 1, "num-partitions": 4},
+        intruder = deploy.start_supernode(d.work, 1, d.address, {"partition-id": 1, "num-partitions": 4,
+                                                                 "state-dir": str(tmp_path / "s1")},
                                           certs=certs, auth_key=certs.node_key(1), max_wait_time=20)
         # a SuperNode that does not trust the SuperLink's certificate gives up after max-wait-time
-        mistrust = deploy.start_supernode(d.work, 2, d.address, {"partition-id": 2, "num-partitions": 4},
+        mistrust = deploy.start_supernode(d.work, 2, d.address, {"partition-id": 2, "num-partitions": 4,
+                                                                 "state-dir": str(tmp_path / "s2")},
                                           ca=wrong.ca, max_wait_time=5)
-        seen += _tree(d) + [intruder.pid, mistrust.pid]
+        seen += _tree(d) + [p.pid for x in (intruder, mistrust) for p in (x, *x.companions)]
         try:
             assert intruder.popen.wait(timeout=120) != 0
             assert mistrust.popen.wait(timeout=120) != 0

@@ -4,15 +4,20 @@ stopped on exit."""
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from floral_flwr.deploy.certificates import Certs
-from floral_flwr.deploy.connection import fetch_log, register_supernode, submit, wait_run, write_connection
+from floral_flwr.deploy.connection import (fetch_log, follow_run, register_supernode, submit, wait_run,
+                                           write_connection)
 from floral_flwr.deploy.processes import Proc, start_superlink, start_supernode, stop_proc
 from floral_flwr.deploy.proxy import ByteCountingProxy
-from floral_flwr.deploy.settings import NodeRuntime
+from floral_flwr.deploy.settings import DeployError, NodeRuntime
+
+from floral_flwr.deploy.warm_executor import READY_LINE  # logged once torch is imported
 
 
 @dataclass
@@ -29,7 +34,7 @@ class Deployment:
     num_partitions: int | None = None  # default: num_supernodes (node i hosts partition i)
     certs: Certs | None = None
     auth: bool = False
-    state_root: Path | None = None
+    state_root: Path | None = None  # node i keeps its state in <state_root>/node-i (default <work>/state)
     node_extra: dict[int, dict[str, Any]] = field(default_factory=dict)
     max_wait_time: float | None = 120.0
     link_port: int | None = None
@@ -72,8 +77,8 @@ class Deployment:
 
     def node_config(self, i: int) -> dict[str, Any]:
         cfg: dict[str, Any] = {"partition-id": i, "num-partitions": self.num_partitions or self.num_supernodes}
-        if self.state_root is not None:
-            cfg["state-dir"] = str(self.state_root / f"node-{i}")
+        # every SuperNode keeps its private client state in a state-dir (default: under work/)
+        cfg["state-dir"] = str((self.state_root or self.work / "state") / f"node-{i}")
         cfg.update(self.node_extra.get(i, {}))
         return cfg
 
@@ -101,6 +106,22 @@ class Deployment:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    def wait_warm(self, timeout: float = 600.0) -> bool:
+        """Block until every SuperNode's warm executor has imported torch and polls for tasks
+        (so round 1 does not wait for it); False (and a warning) after ``timeout`` s."""
+        execs = [c for p in self.nodes.values() for c in p.companions]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(c.log.exists() and READY_LINE in c.log.read_text(errors="replace") for c in execs):
+                return True
+            dead = [c.name for c in execs if not c.alive()]
+            if dead:
+                raise DeployError(f"warm executor(s) {dead} exited: see {self.work / 'logs'}")
+            time.sleep(0.5)
+        print(f"WARNING: warm executors not ready after {timeout:g} s; the first round will wait for them",
+              file=sys.stderr, flush=True)
+        return False
+
     def submit(self, app_dir: str | Path, run_config: str = "") -> str:
         assert self.cli_home is not None
         return submit(app_dir, self.cli_home, run_config)
@@ -110,6 +131,14 @@ class Deployment:
         status = wait_run(self.cli_home, run_id, timeout, on_poll=on_poll)
         (self.work / "logs" / f"run-{run_id}.log").write_text(fetch_log(self.cli_home, run_id))
         return status
+
+    def follow(self, run_id: str, timeout: float, on_line: Any = None) -> tuple[str, str]:
+        """Like :meth:`wait`, with the run's output streamed live to ``on_line`` (one long-lived
+        ``flwr log`` process instead of a status poll every 2 s)."""
+        assert self.cli_home is not None
+        status, details, log = follow_run(self.cli_home, run_id, timeout, on_line)
+        (self.work / "logs" / f"run-{run_id}.log").write_text(log or fetch_log(self.cli_home, run_id))
+        return status, details
 
     def run_log(self, run_id: str) -> str:
         p = self.work / "logs" / f"run-{run_id}.log"

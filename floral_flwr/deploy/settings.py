@@ -106,6 +106,11 @@ class NodeRuntime:
     task_poll: float = 0.1
     preload: str | None = None  # modules the warm executor imports once (default: its list)
 
+    def describe(self) -> str:
+        ex = "warm executor" if self.executor == "warm" else "Flower's SuperExec"
+        poll = f"node poll {self.node_poll:g} s" if self.node_poll else "Flower's 3 s node wait"
+        return f"{ex}, {poll}, task poll {self.task_poll:g} s"
+
     def check(self) -> None:
         if self.executor not in EXECUTORS:
             raise DeployError(f"--executor '{self.executor}' is not one of {', '.join(EXECUTORS)}")
@@ -138,12 +143,16 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
     if dp is not None and not Path(str(dp)).exists():
         raise DeployError(f"node config 'data-path' = '{dp}' does not exist on this machine")
     sd = node_config.get("state-dir")
-    if sd:
-        # same probe as floral_flwr.client.state_store.check_writable (no torch import here)
-        try:
-            Path(str(sd)).mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=str(sd), prefix=".probe-")
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as exc:
-            raise DeployError(f"node config 'state-dir' = '{sd}' is not writable: {exc}") from None
+    if not sd:
+        raise DeployError(
+            "node config needs a 'state-dir': the directory where this SuperNode keeps its clients' "
+            "private state (mixture, local adaptors) across rounds, restarts and runs; pass --state-dir DIR"
+        )
+    # same probe as floral_flwr.client.state_store.check_writable (no torch import here)
+    try:
+        Path(str(sd)).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=str(sd), prefix=".probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise DeployError(f"node config 'state-dir' = '{sd}' is not writable: {exc}") from None

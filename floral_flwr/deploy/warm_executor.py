@@ -52,6 +52,9 @@ DEFAULT_PRELOAD = ("numpy", "torch", "torch.optim", "torch._dynamo", "flwr.clien
                    "flwr.supernode.runtime.run_clientapp")
 
 
+READY_LINE = "serving ClientApp tokens"  # the deploy tooling waits for this line in the log
+
+
 def _log(text: str) -> None:
     print(f"[warm-executor {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
@@ -349,9 +352,8 @@ def run_executor(runtime_api_address: str, insecure: bool, root_certificates: st
     _skip_reinstalling_fabs()
     _poll_message_objects_sooner()
     executor = ForkExecutor(warm_app=warm_app)
-    _log(f"pid {os.getpid()}: imported {', '.join(preload) or 'nothing'} in {took:.2f} s; serving "
-         f"ClientApp tokens of {runtime_api_address} by fork (task poll "
-         f"{os.environ.get(pins.TASK_POLL_ENV, '1.0')} s)")
+    _log(f"pid {os.getpid()}: imported {', '.join(preload) or 'nothing'} in {took:.2f} s; {READY_LINE} "
+         f"of {runtime_api_address} by fork (task poll {os.environ.get(pins.TASK_POLL_ENV, '1.0')} s)")
     loop.get_executor = lambda *a, **k: executor  # type: ignore[assignment]
     loop.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
                        root_certificates_path=root_certificates, parent_pid=parent_pid)
