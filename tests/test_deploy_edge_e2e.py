@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from floral_flwr import deploy
 from floral_flwr.client import make_client_app
@@ -31,7 +32,9 @@ ROUND_LINE = "aggregate_train:"  # the ServerApp logs it once per round
 
 
 def _config(out: Path, name: str, rounds: int) -> dict:
+    # num-threads=1 in both runs: a float32 sum over 1 or 2 threads differs in the last bits
     return {"task": "digits-label-shift", "num-server-rounds": rounds, "eval-every": rounds, "batch-size": 16,
+            "num-threads": 1,
             "fraction-train": 0.5, "fraction-evaluate": 0.5, "min-available-nodes": 2,
             "node-wait-timeout": 300.0, "reply-timeout": 300.0, "output-dir": str(out), "run-name": name}
 
@@ -91,7 +94,11 @@ def test_deploy_local_streams_rounds_and_changes_no_number(tmp_path):
     # the same numbers as the same federation in-process (clients 0 and 1 of 4)
     inline_cfg = {**cfg, "run-name": "inline"}
     grid = InlineGrid(make_client_app(inline_cfg), 2, node_config=lambda k: {"num-partitions": 4})
-    run_server(grid, inline_cfg)
+    threads = torch.get_num_threads()
+    try:
+        run_server(grid, inline_cfg)
+    finally:
+        torch.set_num_threads(threads)
     assert _losses(tmp_path / "out" / "dep") == _losses(tmp_path / "out" / "inline")
 
 

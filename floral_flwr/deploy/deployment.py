@@ -13,6 +13,7 @@ from typing import Any
 from floral_flwr.deploy.certificates import Certs
 from floral_flwr.deploy.connection import (fetch_log, follow_run, register_supernode, submit, wait_run,
                                            write_connection)
+from floral_flwr.deploy.labnet import LabNet
 from floral_flwr.deploy.processes import Proc, start_superlink, start_supernode, stop_proc
 from floral_flwr.deploy.proxy import ByteCountingProxy
 from floral_flwr.deploy.settings import DeployError, NodeRuntime
@@ -45,6 +46,9 @@ class Deployment:
     database: bool = False
     # how SuperNodes run ClientApps (default: the warm executor and short waits; see NodeRuntime)
     runtime: NodeRuntime = field(default_factory=NodeRuntime)
+    # SuperNodes in their own network namespaces, reaching the SuperLink over veth pairs (the
+    # SuperLink then listens on all addresses: pass certs with the LabNet's link addresses)
+    labnet: LabNet | None = None
     superlink: Proc | None = None
     nodes: dict[int, Proc] = field(default_factory=dict)
     byte_counter: "ByteCountingProxy | None" = None
@@ -67,7 +71,8 @@ class Deployment:
 
     def start_link(self) -> Proc:
         db = str(self.work / "superlink" / "state.db") if self.database else None
-        self.superlink = start_superlink(self.work, port=self.link_port, certs=self.certs, auth=self.auth,
+        host = "0.0.0.0" if self.labnet is not None else "127.0.0.1"
+        self.superlink = start_superlink(self.work, host=host, port=self.link_port, certs=self.certs, auth=self.auth,
                                          database=db, tie_to_parent=True, task_poll=self.runtime.task_poll)
         self.link_port = int(self.address.rsplit(":", 1)[1])
         self.cli_home = write_connection(self.work, self.address, self.certs.ca if self.certs else None)
@@ -86,9 +91,12 @@ class Deployment:
         key = self.certs.node_key(i) if (self.certs and self.auth) else None
         if key is not None and self.cli_home is not None:
             register_supernode(self.cli_home, self.certs.node_pub(i))  # type: ignore[union-attr]
-        proc = start_supernode(self.work, i, self.fleet_address, self.node_config(i), certs=self.certs,
+        address, prefix = self.fleet_address, None
+        if self.labnet is not None:
+            address, prefix = f"{self.labnet.link_ip(i)}:{self.link_port}", self.labnet.prefix(i)
+        proc = start_supernode(self.work, i, address, self.node_config(i), certs=self.certs,
                                auth_key=key, max_wait_time=self.max_wait_time, tie_to_parent=True,
-                               runtime=self.runtime)
+                               runtime=self.runtime, prefix=prefix)
         self.nodes[i] = proc
         return proc
 

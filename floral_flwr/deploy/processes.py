@@ -298,12 +298,14 @@ def start_supernode(
     env_extra: Mapping[str, str] | None = None,
     tie_to_parent: bool = False,
     runtime: NodeRuntime | None = None,
+    prefix: list[str] | None = None,
 ) -> Proc:
     """Start one SuperNode with its own FLWR_HOME and runtime ``--port``; with the warm executor
     (``runtime.executor == "warm"``, the default) also its executor, a companion process.
 
     ``max_wait_time`` bounds how long it retries an unreachable SuperLink before exiting
-    (``None``: forever, Flower's default)."""
+    (``None``: forever, Flower's default). ``prefix`` runs both processes through a command
+    prefix (``ip netns exec NS``: a SuperNode in its own network namespace, ``labnet.py``)."""
     work = Path(work)
     rt = runtime or NodeRuntime()
     rt.check()
@@ -337,7 +339,8 @@ def start_supernode(
     env.setdefault("OMP_NUM_THREADS", "1")
     env[TASK_POLL_ENV] = str(rt.task_poll)
     env.update(env_extra or {})
-    proc = _spawn(work, f"supernode-{index}", cmd, env,
+    prefix = list(prefix or [])
+    proc = _spawn(work, f"supernode-{index}", [*prefix, *cmd], env,
                   {"superlink": superlink, "port": port, "node-config": dict(node_config),
                    "executor": rt.executor, "node-poll": rt.node_poll}, tie_to_parent)
     if rt.executor == "warm":
@@ -345,6 +348,6 @@ def start_supernode(
                 "--insecure", "--parent-pid", str(proc.pid)]
         if rt.preload is not None:
             ecmd += ["--preload", rt.preload]
-        proc.companions.append(_spawn(work, f"supernode-{index}-exec", ecmd, env, {"supernode": proc.pid},
-                                      tie_to_parent))
+        proc.companions.append(_spawn(work, f"supernode-{index}-exec", [*prefix, *ecmd], env,
+                                      {"supernode": proc.pid}, tie_to_parent))
     return proc
