@@ -2,8 +2,9 @@
 
 1. ``test_deploy_local_streams_rounds_and_changes_no_number`` (default suite): the per-round
    lines reach stdout while the run is still going, the closing summary is printed, every
-   ClientApp message was served by a forked child of the warm executor (no cold
-   ``flwr-clientapp``), and the train loss of every round is exactly the in-process run's.
+   ClientApp message and the ServerApp were served by forked children of the warm executors (no
+   cold ``flwr-clientapp`` / ``flwr-serverapp``), and the train loss of every round is exactly
+   the in-process run's.
 2. ``test_ctrl_c_stops_everything_deploy_local_started`` (slow): SIGINT in the middle of a run
    ends ``deploy local`` with exit code 130 and leaves none of its processes running.
 """
@@ -91,6 +92,9 @@ def test_deploy_local_streams_rounds_and_changes_no_number(tmp_path):
     served = sum(e.count("ClientApp started") for e in execs)
     assert served >= rounds + 2  # >= one train message per round, the discovery queries, the evaluation
     assert not any("Start `flwr-clientapp` process" in e for e in execs)
+    # ... and the ServerApp was a forked child of the SuperLink's warm executor, not a cold flwr-serverapp
+    assert (tmp_path / "w" / "logs" / "superlink-exec.log").exists()
+    assert "[floral] run directory" in text and "Start `flwr-serverapp` process" not in text
     # the same numbers as the same federation in-process (clients 0 and 1 of 4)
     inline_cfg = {**cfg, "run-name": "inline"}
     grid = InlineGrid(make_client_app(inline_cfg), 2, node_config=lambda k: {"num-partitions": 4})

@@ -78,8 +78,9 @@ def _cmd_certs(a: argparse.Namespace) -> int:
 
 def _cmd_superlink(a: argparse.Namespace) -> int:
     certs = Certs(Path(a.certs)) if a.certs else None
+    NodeRuntime(executor=a.executor, task_poll=a.task_poll).check()
     proc = start_superlink(a.work, a.host, a.port, certs, a.auth, a.database, a.allow_insecure_remote,
-                           task_poll=a.task_poll)
+                           task_poll=a.task_poll, executor=a.executor)
     cli = write_connection(a.work, proc.info["address"], certs.ca if certs else None)
     print(f"SuperLink pid {proc.pid} (process group) on {a.host}:{proc.info['address'].rsplit(':', 1)[1]}; "
           f"log {proc.log}; flwr CLI home {cli}")
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--allow-insecure-remote", action="store_true")
     c.add_argument("--task-poll", type=float, default=NodeRuntime.task_poll,
                    help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL for the ServerApp's SuperExec, s (Flower's default 1)")
+    c.add_argument("--executor", choices=EXECUTORS, default="warm",
+                   help="warm: --isolation process + our fork-server executor for the ServerApp; flower: Flower's SuperExec")
     c.set_defaults(fn=_cmd_superlink)
 
     c = sub.add_parser("supernode", help="start one SuperNode in the background")

@@ -40,6 +40,8 @@ class Deployment:
     max_wait_time: float | None = 120.0
     link_port: int | None = None
     proxy: bool = False  # count bytes between SuperNodes and SuperLink through a TCP proxy
+    proxy_delay_s: float = 0.0  # ... which can also shape the link: one-way delay per direction
+    proxy_rate_bit_s: float | None = None  # ... and bandwidth per direction (None: unlimited)
     # keep the SuperLink's state (registered nodes, runs) in <work>/superlink/state.db: a restarted
     # SuperLink then still knows its SuperNodes, which reconnect; with the default in-memory state
     # they are refused (401) and exit, and must be restarted too
@@ -73,11 +75,13 @@ class Deployment:
         db = str(self.work / "superlink" / "state.db") if self.database else None
         host = "0.0.0.0" if self.labnet is not None else "127.0.0.1"
         self.superlink = start_superlink(self.work, host=host, port=self.link_port, certs=self.certs, auth=self.auth,
-                                         database=db, tie_to_parent=True, task_poll=self.runtime.task_poll)
+                                         database=db, tie_to_parent=True, task_poll=self.runtime.task_poll,
+                                         executor=self.runtime.executor)
         self.link_port = int(self.address.rsplit(":", 1)[1])
         self.cli_home = write_connection(self.work, self.address, self.certs.ca if self.certs else None)
         if self.proxy and self.byte_counter is None:
-            self.byte_counter = ByteCountingProxy("127.0.0.1", self.link_port)
+            self.byte_counter = ByteCountingProxy("127.0.0.1", self.link_port, self.proxy_delay_s,
+                                                  self.proxy_rate_bit_s)
         return self.superlink
 
     def node_config(self, i: int) -> dict[str, Any]:
@@ -115,9 +119,10 @@ class Deployment:
         self.stop()
 
     def wait_warm(self, timeout: float = 600.0) -> bool:
-        """Block until every SuperNode's warm executor has imported torch and polls for tasks
-        (so round 1 does not wait for it); False (and a warning) after ``timeout`` s."""
-        execs = [c for p in self.nodes.values() for c in p.companions]
+        """Block until every warm executor (SuperNodes', SuperLink's) has imported torch and polls
+        for tasks (so the run does not wait for them); False (and a warning) after ``timeout`` s."""
+        procs = [*self.nodes.values(), *([self.superlink] if self.superlink else [])]
+        execs = [c for p in procs for c in p.companions]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(c.log.exists() and READY_LINE in c.log.read_text(errors="replace") for c in execs):

@@ -21,6 +21,7 @@ from floral_flwr.deploy.certificates import Certs, _ssl_context
 from floral_flwr.deploy.settings import (DeployError, NodeRuntime, _env, check_insecure, check_node_config,
                                          format_node_config, split_address)
 from floral_flwr.deploy.flwr_pins import TASK_POLL_ENV
+from floral_flwr.deploy.warm_executor import SERVER_PRELOAD
 from floral_flwr.launch import _bin, free_port
 
 # both run by path (they must not import this package: see their docstrings)
@@ -214,7 +215,7 @@ def stop_all(work: Path, names: Iterable[str] | None = None) -> list[str]:
     if names:
         names = [*names, *(f"{n}-exec" for n in names)]
     procs = load_procs(work, names)
-    procs.sort(key=lambda p: (p.name == "superlink", not p.name.endswith("-exec")))
+    procs.sort(key=lambda p: (p.name.startswith("superlink"), not p.name.endswith("-exec")))
     for p in procs:
         stop_proc(p)
     return [p.name for p in procs]
@@ -250,11 +251,14 @@ def start_superlink(
     health_timeout: float = 90.0,
     tie_to_parent: bool = False,
     task_poll: float | None = None,
+    executor: str = "flower",
 ) -> Proc:
     """Start ``flower-superlink`` (own FLWR_HOME under ``work``) and wait until it is healthy.
 
     ``task_poll`` sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperExec it starts (how
-    soon the ServerApp starts after ``flwr run``; Flower's default 1 s)."""
+    soon the ServerApp starts after ``flwr run``; Flower's default 1 s). ``executor="warm"``:
+    ``--isolation process`` and the warm executor as a companion (the ServerApp of each run is
+    a forked child; ``warm_executor.py``)."""
     work = Path(work)
     port = port or free_port()
     cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
@@ -272,6 +276,8 @@ def start_superlink(
             cmd.append("--enable-supernode-auth")
     if database:
         cmd += ["--database", database]
+    if executor == "warm":
+        cmd += ["--isolation", "process"]
     home = work / "superlink"
     home.mkdir(parents=True, exist_ok=True)
     dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -281,6 +287,11 @@ def start_superlink(
     proc = _spawn(work, "superlink", cmd, env,
                   {"address": f"{dial}:{port}", "tls": certs is not None, "auth": auth}, tie_to_parent)
     wait_healthy(dial, port, health_timeout, proc, certs.ca if certs else None)
+    if executor == "warm":
+        ecmd = [sys.executable, str(WARM_EXECUTOR), "--runtime-api-address", f"{dial}:{port}",
+                "--parent-pid", str(proc.pid), "--preload", ",".join(SERVER_PRELOAD), "--no-warm-app"]
+        ecmd += ["--root-certificates", str(certs.ca)] if certs else ["--insecure"]
+        proc.companions.append(_spawn(work, "superlink-exec", ecmd, env, {"superlink": proc.pid}, tie_to_parent))
     return proc
 
 

@@ -13,7 +13,11 @@ FAB is installed on this node, the parent also imports that FAB's ClientApp modu
 Flower's own loader), so later children start with the app loaded; a message of another FAB
 gets a child in which the previous app's modules are dropped first (it imports its own). If
 anything of ours fails in a child before Flower's entry runs, the child becomes Flower's own
-``flwr-clientapp`` for that token. Other task types go to Flower's ``SubprocessExecutor``.
+``flwr-clientapp`` for that token. The same executor serves a SuperLink in ``--isolation
+process`` (``--preload`` = ``SERVER_PRELOAD``): the ServerApp of each run is a forked child
+running Flower's ``run_serverapp``, so it starts (and sends its first task heartbeat, due within
+30 s of the claim) in well under a second even on a loaded machine. Other task types go to
+Flower's ``SubprocessExecutor``.
 
 It uses Flower internals (marked INTERNAL below), so the supported flwr versions are pinned
 (``flwr_pins.py``) and checked at start with a clear error; the deploy tooling falls back to
@@ -52,7 +56,9 @@ DEFAULT_PRELOAD = ("numpy", "torch", "torch.optim", "torch._dynamo", "flwr.clien
                    "flwr.supernode.runtime.run_clientapp")
 
 
-READY_LINE = "serving ClientApp tokens"  # the deploy tooling waits for this line in the log
+READY_LINE = "serving task tokens"  # the deploy tooling waits for this line in the log
+# what a SuperLink's executor imports once (its children run the ServerApp)
+SERVER_PRELOAD = ("numpy", "torch", "torch.optim", "flwr.serverapp", "flwr.superlink.runtime.run_serverapp")
 
 
 def _log(text: str) -> None:
@@ -120,9 +126,9 @@ class ForkExecutor:
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor import LaunchResult
 
-        if spec.task_type != TaskType.CLIENT_APP:
+        if spec.task_type not in (TaskType.CLIENT_APP, TaskType.SERVER_APP):
             return self._fallback.launch(spec)
-        stale = self._prepare_app(spec.fab_hash)
+        stale = self._prepare_app(spec.fab_hash) if spec.task_type == TaskType.CLIENT_APP else None
         t0 = time.monotonic()
         try:
             pid = os.fork()
@@ -219,33 +225,28 @@ def _reset_inherited_flwr_state() -> None:
 
 
 def _serve_token_in_child(spec: Any, stale_app: Path | None, t0: float) -> None:
-    """The forked child: Flower's ClientApp entry for one token, then ``os._exit``. If anything
-    of ours fails before that entry runs, the child becomes Flower's own ``flwr-clientapp`` for
-    the token (a cold start, but the message is served)."""
+    """The forked child: Flower's own entry for one token (``run_clientapp``, or
+    ``run_serverapp`` on a SuperLink), then ``os._exit``. If anything of ours fails before that
+    entry runs, the child becomes Flower's own ``flwr-clientapp`` / ``flwr-serverapp`` for the
+    token (a cold start, but the task is served)."""
     try:
         _reset_inherited_flwr_state()
         if stale_app is not None:
             _drop_app(stale_app)
         _FORKED.update(task_id=spec.task_id, t0=t0)
+        from flwr.supercore.constant import TaskType
         from flwr.supercore.tls import validate_and_resolve_root_certificates
-        from flwr.supernode.runtime.run_clientapp import run_clientapp  # INTERNAL entry
 
+        entry = _client_entry if spec.task_type == TaskType.CLIENT_APP else _server_entry
         certificates = validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure)
     except BaseException:  # pylint: disable=broad-except
         traceback.print_exc()
         _exec_flower_entry(spec)
     code = 1
     try:
-        run_clientapp(
-            runtime_api_address=spec.runtime_api_address,
-            token=spec.token,
-            insecure=spec.insecure,
-            certificates=certificates,
-            parent_pid=spec.parent_pid,
-            runtime_dependency_install=spec.runtime_dependency_install,
-        )
+        entry(spec, certificates)
         code = 0
-    except SystemExit as exc:  # run_clientapp ends with flwr_exit -> sys.exit
+    except SystemExit as exc:  # Flower's entries end with flwr_exit -> sys.exit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # pylint: disable=broad-except
         traceback.print_exc()
@@ -255,6 +256,33 @@ def _serve_token_in_child(spec: Any, stale_app: Path | None, t0: float) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _client_entry(spec: Any, certificates: bytes | None) -> None:
+    """What ``flwr-clientapp`` runs (INTERNAL: ``run_clientapp``)."""
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
+                  certificates=certificates, parent_pid=spec.parent_pid,
+                  runtime_dependency_install=spec.runtime_dependency_install)
+
+
+def _server_entry(spec: Any, certificates: bytes | None) -> None:
+    """What ``flwr-serverapp`` runs: its output mirrored to the run's log (``flwr log``), then
+    the ServerApp (INTERNAL: ``run_serverapp``, ``mirror_output_to_queue``)."""
+    from queue import Queue
+
+    from flwr.superlink.runtime import run_serverapp
+    from flwr.supercore.logger import mirror_output_to_queue, restore_output
+
+    log_queue: Queue = Queue()
+    mirror_output_to_queue(log_queue)
+    try:
+        run_serverapp(runtime_api_address=spec.runtime_api_address, log_queue=log_queue, token=spec.token,
+                      insecure=spec.insecure, certificates=certificates, parent_pid=spec.parent_pid,
+                      runtime_dependency_install=spec.runtime_dependency_install)
+    finally:
+        restore_output()
 
 
 def _exec_flower_entry(spec: Any) -> None:
@@ -353,7 +381,7 @@ def run_executor(runtime_api_address: str, insecure: bool, root_certificates: st
     _poll_message_objects_sooner()
     executor = ForkExecutor(warm_app=warm_app)
     _log(f"pid {os.getpid()}: imported {', '.join(preload) or 'nothing'} in {took:.2f} s; {READY_LINE} "
-         f"of {runtime_api_address} by fork (task poll {os.environ.get(pins.TASK_POLL_ENV, '1.0')} s)")
+         f"(ClientApp, ServerApp) of {runtime_api_address} by fork (task poll {os.environ.get(pins.TASK_POLL_ENV, '1.0')} s)")
     loop.get_executor = lambda *a, **k: executor  # type: ignore[assignment]
     loop.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
                        root_certificates_path=root_certificates, parent_pid=parent_pid)

@@ -15,6 +15,8 @@ comparisons). A grid that runs its clients in-process (``in_process = True``, th
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Iterable
 from logging import WARNING
@@ -30,20 +32,48 @@ DEFAULT_POLL = 0.1  # s between pulls (run config "reply-poll"); Flower's send_a
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, poll: float = DEFAULT_POLL) -> list[Message]:
     """Push ``messages``, then pull their replies every ``poll`` s until all are in or
-    ``timeout`` s have passed (the replies that arrived, like ``send_and_receive``)."""
+    ``timeout`` s have passed (the replies that arrived, like ``send_and_receive``).
+
+    The pulls run in a helper thread: Flower's ``pull_messages`` returns a reply as soon as its
+    header is on the SuperLink and then blocks until all of its arrays are there, so a node
+    that is still uploading (a slow link) would hold the round past ``timeout``; here the round
+    ends at ``timeout`` and such a late reply is dropped when it completes."""
     if poll <= 0 or getattr(grid, "in_process", False):
         return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(grid.push_messages(_packed(messages)))
     deadline = time.monotonic() + timeout
+    arrived: queue.Queue = queue.Queue()
+    done = threading.Event()
+    threading.Thread(target=_pull_until_done, args=(grid, set(pending), poll, arrived, done), daemon=True).start()
     replies: list[Message] = []
-    while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(_unpacked(m) for m in got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(poll)
+    try:
+        while pending:
+            try:
+                item = arrived.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break  # reply-timeout: the others count as missing
+            if isinstance(item, BaseException):
+                raise item
+            replies.append(_unpacked(item))
+            pending.discard(item.metadata.reply_to_message_id)
+    finally:
+        done.set()
     return replies
+
+
+def _pull_until_done(grid: Grid, pending: set[str], poll: float, arrived: queue.Queue,
+                     done: threading.Event) -> None:
+    try:
+        while pending and not done.is_set():
+            for msg in grid.pull_messages(pending):
+                pending.discard(msg.metadata.reply_to_message_id)
+                if not done.is_set():
+                    arrived.put(msg)
+            if pending:
+                done.wait(poll)
+    except BaseException as exc:  # noqa: BLE001 - re-raised by exchange() in the round's thread
+        if not done.is_set():
+            arrived.put(exc)
 
 
 def _packed(messages: Iterable[Message]) -> list[Message]:
