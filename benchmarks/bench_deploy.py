@@ -16,7 +16,8 @@ the default 7 rounds) and round R adds the evaluation:
 
 "2": 2 SuperNodes hosting clients 0, 1 of 4 (``fraction-train = fraction-evaluate = 0.5``: one
 client trains per round) vs a 4-client simulation; "6": 6 SuperNodes vs 6 simulated clients (all
-train). All SuperNodes talk to the SuperLink through a byte-counting loopback proxy. "links":
+train). All SuperNodes talk to the SuperLink through a byte-counting loopback proxy. "nodewait": the warm
+path with the stock SuperNode waits (``--node-poll 0``: what the 3 s idle wait costs). "links":
 the warm path, 2 nodes, behind the proxy shaped as edge links (one-way delay and bandwidth per
 direction, no loss: this kernel has no ``tc netem``; ``tests/test_deploy_netns.py`` uses netem
 where the kernel has it). Per-message start-up: the warm executor logs, per message, the time
@@ -35,6 +36,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from floral_flwr.deploy.settings import NodeRuntime  # noqa: E402
 
 TODAY = NodeRuntime(executor="flower", node_poll=0, task_poll=1.0)
 WARM = NodeRuntime()
+WARM_STOCK_WAITS = NodeRuntime(node_poll=0)  # the warm executor with flower-supernode's own 3 s / 0.5 s waits
 LINKS = [(0.0, None), (0.025, 10e6), (0.05, 5e6), (0.1, 1e6)]  # one-way delay s, bit/s per direction
 
 
@@ -75,7 +78,7 @@ def _rounds(run_dir: Path) -> dict:
 
 def _startups(work: Path) -> list[float]:
     out = []
-    for log in sorted((work / "logs").glob("supernode-*-exec.log")):
+    for log in sorted((work / "logs").glob("supernode-*.log")):
         out += [float(x) for x in re.findall(r"ClientApp started ([0-9.]+) s after the fork", log.read_text())]
     return out
 
@@ -89,14 +92,21 @@ def deployment(out: Path, name: str, nodes: int, partitions: int, rounds: int, e
                     proxy_delay_s=delay_s, proxy_rate_bit_s=rate) as d:
         d.wait_warm()
         run_id = d.submit(ROOT, _cfg(out, name, rounds, f"{extra} {poll} min-available-nodes={nodes}"))
-        marks: dict[int, tuple[int, int]] = {}  # rounds recorded -> proxy byte counts at that time
+        marks: dict[int, tuple[int, int]] = {}  # rounds recorded -> proxy byte counts at that moment
+        stop = threading.Event()
 
-        def on_poll(_status: str) -> None:
+        def watch() -> None:  # rounds.csv grows by one row per round: snapshot the proxy then
             p = out / name / "rounds.csv"
-            done = max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
-            marks.setdefault(done, d.byte_counter.snapshot())
+            while not stop.is_set():
+                done = max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
+                marks.setdefault(done, d.byte_counter.snapshot())
+                stop.wait(0.02)
 
-        status, _ = d.wait(run_id, 7200, on_poll=on_poll)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        status, _ = d.follow(run_id, 7200)
+        stop.set()
+        watcher.join()
         up, down = d.byte_counter.snapshot()
     res = _rounds(out / name)
     warm = [(marks[r + 1][0] - marks[r][0], marks[r + 1][1] - marks[r][1])
@@ -162,7 +172,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default="/tmp/bench-deploy")
-    ap.add_argument("--only", choices=["2", "6", "links"], default=None)
+    ap.add_argument("--only", choices=["2", "6", "links", "nodewait"], default=None)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +189,9 @@ def main() -> int:
         results["6 nodes, today"] = deployment(out, "today6", 6, 6, a.rounds, "", TODAY)
         results["6 nodes, warm"] = deployment(out, "warm6", 6, 6, a.rounds, "", WARM)
         results["6-client simulation"] = simulation(out, "sim6", 6, a.rounds, "")
+    if a.only in (None, "nodewait"):  # what the SuperNode's fixed 3 s idle wait costs on its own
+        results["2 nodes, warm executor, stock SuperNode waits"] = deployment(out, "nodewait2", 2, 4, a.rounds, half,
+                                                                             WARM_STOCK_WAITS)
     if a.only in (None, "links"):
         for delay, rate in LINKS:
             label = f"2 nodes, warm, link {delay * 1000:.0f} ms one way, " + (

@@ -88,12 +88,12 @@ def test_deploy_local_streams_rounds_and_changes_no_number(tmp_path):
     assert "finished:completed" in text and f"{rounds} round(s); round time median" in text
     assert not _alive(pids)  # the deployment is gone
     # every message went through a forked child of the warm executor, none through a cold start
-    execs = [(tmp_path / "w" / "logs" / f"supernode-{i}-exec.log").read_text() for i in range(2)]
+    execs = [(tmp_path / "w" / "logs" / f"supernode-{i}.log").read_text() for i in range(2)]  # node + executor
     served = sum(e.count("ClientApp started") for e in execs)
     assert served >= rounds + 2  # >= one train message per round, the discovery queries, the evaluation
     assert not any("Start `flwr-clientapp` process" in e for e in execs)
     # ... and the ServerApp was a forked child of the SuperLink's warm executor, not a cold flwr-serverapp
-    assert (tmp_path / "w" / "logs" / "superlink-exec.log").exists()
+    assert "[warm-executor" in (tmp_path / "w" / "logs" / "superlink.log").read_text()
     assert "[floral] run directory" in text and "Start `flwr-serverapp` process" not in text
     # the same numbers as the same federation in-process (clients 0 and 1 of 4)
     inline_cfg = {**cfg, "run-name": "inline"}

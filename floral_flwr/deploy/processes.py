@@ -71,10 +71,12 @@ _TIE_TO_PARENT = (
 
 
 def _spawn(work: Path, name: str, cmd: list[str], env: dict[str, str], info: dict[str, Any],
-           tie_to_parent: bool = False) -> Proc:
+           tie_to_parent: bool = False, log_name: str | None = None) -> Proc:
+    """``log_name``: write to that process's log instead (a companion shares its owner's log, as
+    Flower's own SuperExec and ClientApps share the SuperNode's output)."""
     (work / "pids").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    log = work / "logs" / f"{name}.log"
+    log = work / "logs" / f"{log_name or name}.log"
     with open(log, "ab") as fh:
         fh.write(f"\n=== {time.strftime('%H:%M:%S')} {shlex.join(cmd)}\n".encode())
         fh.flush()
@@ -205,7 +207,8 @@ def load_procs(work: Path, names: Iterable[str] | None = None) -> list[Proc]:
         except (ValueError, KeyError, OSError):
             pf.unlink(missing_ok=True)
             continue
-        out.append(Proc(name, None, pid, pf, work / "logs" / f"{name}.log", meta))
+        log = work / "logs" / f"{name.removesuffix('-exec')}.log"  # a companion writes its owner's log
+        out.append(Proc(name, None, pid, pf, log, meta))
     return out
 
 
@@ -291,7 +294,8 @@ def start_superlink(
         ecmd = [sys.executable, str(WARM_EXECUTOR), "--runtime-api-address", f"{dial}:{port}",
                 "--parent-pid", str(proc.pid), "--preload", ",".join(SERVER_PRELOAD), "--no-warm-app"]
         ecmd += ["--root-certificates", str(certs.ca)] if certs else ["--insecure"]
-        proc.companions.append(_spawn(work, "superlink-exec", ecmd, env, {"superlink": proc.pid}, tie_to_parent))
+        proc.companions.append(_spawn(work, "superlink-exec", ecmd, env, {"superlink": proc.pid}, tie_to_parent,
+                                      log_name="superlink"))
     return proc
 
 
@@ -360,5 +364,5 @@ def start_supernode(
         if rt.preload is not None:
             ecmd += ["--preload", rt.preload]
         proc.companions.append(_spawn(work, f"supernode-{index}-exec", [*prefix, *ecmd], env,
-                                      {"supernode": proc.pid}, tie_to_parent))
+                                      {"supernode": proc.pid}, tie_to_parent, log_name=f"supernode-{index}"))
     return proc
