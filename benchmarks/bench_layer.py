@@ -11,10 +11,16 @@ Merged inference: eval forward of ``fm.merge()`` vs the bare model (same archite
 
     python benchmarks/bench_layer.py                 # CPU, 2 threads
     python benchmarks/bench_layer.py --device cuda --batch 256
+    python benchmarks/bench_layer.py --device cuda --batch 256 --models cnn mlp vgg8 --json out.json
+
+Models: ``cnn`` (the CIFAR-10 CNN), ``mlp`` (784-200-10), ``vgg8`` (the CIFAR-100 VGG-8 of the
+tasks, no norm; ``floral_flwr.tasks.models.VGG8``). ``--json`` writes every row's figures
+(ms per step of each variant, the ratios) for scripts (``benchmarks/gpu_check.py``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -36,6 +42,12 @@ from floral_flwr.tasks.models import MLP, Cifar10CNN  # noqa: E402
 
 def mlp() -> nn.Module:
     return MLP(784, 200, 10)
+
+
+def vgg8() -> nn.Module:
+    from floral_flwr.tasks.models import VGG8
+
+    return VGG8(num_classes=100)
 
 
 # ------------------------------------------------------------------ naive (official-style) loop
@@ -193,15 +205,19 @@ def main() -> None:
     ap.add_argument("--infer-inner", type=int, default=5, help="eval forwards per timed sample")
     ap.add_argument("--rho", type=float, default=0.1)
     ap.add_argument("--C", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp"])
+    ap.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp", "vgg8"])
+    ap.add_argument("--vgg-steps", type=int, default=0, help="timed VGG-8 steps (default: --steps)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     if args.clock == "cpu":
         if args.device != "cpu":
             ap.error("--clock cpu only measures CPU work; use --clock wall with --device cuda")
         args.threads = 1
     torch.set_num_threads(args.threads)
-    models = {"cnn": ("CIFAR-10 CNN", Cifar10CNN, (3, 32, 32)), "mlp": ("MLP 784-200-10", mlp, (1, 28, 28))}
+    models = {"cnn": ("CIFAR-10 CNN", Cifar10CNN, (3, 32, 32)), "mlp": ("MLP 784-200-10", mlp, (1, 28, 28)),
+              "vgg8": ("VGG-8", vgg8, (3, 32, 32))}
+    steps_of = {"cnn": args.steps, "mlp": args.mlp_steps, "vgg8": args.vgg_steps or args.steps}
     header = (f"device={args.device} ({cpu_name() if args.device == 'cpu' else torch.cuda.get_device_name()}), "
               f"threads={torch.get_num_threads()}, torch {torch.__version__}, batch {args.batch}, "
               f"rho={args.rho}, clock={args.clock}, median of {args.steps} (CNN) / {args.mlp_steps} "
@@ -211,10 +227,17 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|---|"]
     print(header)
     print("\n".join(rows), flush=True)
+    records = []
     for key in args.models:
         title, make, shape = models[key]
         for C in args.C:
-            r = bench(title, make, shape, C, args, args.mlp_steps if key == "mlp" else args.steps)
+            r = bench(title, make, shape, C, args, steps_of[key])
+            records.append({"model": key, "title": title, "C": C, "batch": args.batch,
+                            "bare_ms": 1e3 * r["a"], "floral_ms": 1e3 * r["b"],
+                            "floral_fold_ms": 1e3 * r["b_fold"], "naive_ms": 1e3 * r["c"],
+                            "floral_over_bare": r["b"] / r["a"], "fold_over_bare": r["b_fold"] / r["a"],
+                            "naive_over_floral": r["c"] / r["b"],
+                            "merged_over_bare_infer": r["infer_merged"] / r["infer_a"]})
             row = (f"| {title} | {C} | {1e3 * r['a']:.2f} | {1e3 * r['b']:.2f} | {r['b'] / r['a']:.2f} | "
                    f"{r['b_fold'] / r['a']:.2f} | {1e3 * r['c']:.2f} | {r['c'] / r['b']:.2f} | "
                    f"{r['infer_merged'] / r['infer_a']:.3f} |")
@@ -224,6 +247,8 @@ def main() -> None:
     print(footer)
     if args.markdown:
         args.markdown.write_text(header + "\n\n" + "\n".join(rows) + "\n\n" + footer + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "footer": footer, "rows": records}, indent=1))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ built its model and data (1 per actor process when the per-process cache hits ac
 ``--synthetic-train N`` (image tasks: ``cifar10-*``, ``cifar100*``, ``mnist-*``) writes N random
 images in the hub schema (``write_fake_dataset``) to a temporary ``data-dir``: the CIFAR-10 CNN /
 VGG-8 shapes without a download. ``--device cuda`` with ``--num-gpus 1/k`` runs k concurrent
-ClientApps on one GPU (samples/s and peak GPU memory per client are then reported).
+ClientApps on one GPU (samples/s and peak GPU memory per client are then reported: ``torch.cuda.max_memory_allocated``
+during one train handler, the peak reset before each; with ``--engine inline`` the clients run
+one after another in this process on one cached model, so it is one client's footprint).
 """
 
 from __future__ import annotations
@@ -63,6 +65,27 @@ METHODS = ("fedavg", "floral")
 # ---------------------------------------------------------------------------- client side
 
 
+def _train_local_sites() -> tuple[Any, list[Any]]:
+    """(the local training loop, every loaded module that calls it through a global name).
+
+    The loop lives in ``floral_flwr.methods.training`` (earlier: ``floral_flwr.client.training``)
+    and method modules import it by name, so timing it means swapping it in each of them."""
+    import importlib
+
+    original = None
+    for name in ("floral_flwr.methods.training", "floral_flwr.client.training"):
+        try:
+            original = importlib.import_module(name).train_local
+            break
+        except (ImportError, AttributeError):
+            continue
+    if original is None:
+        raise ImportError("train_local is in neither floral_flwr.methods.training nor floral_flwr.client.training")
+    sites = [m for n, m in list(sys.modules.items())
+             if n.startswith("floral_flwr") and m is not None and getattr(m, "train_local", None) is original]
+    return original, sites
+
+
 def timed_client_app(cfg: dict[str, Any]):
     """The project's ClientApp, wrapped: train replies carry ``bench-*`` timing metrics."""
     from flwr.app import Context, Message
@@ -77,10 +100,10 @@ def timed_client_app(cfg: dict[str, Any]):
     def train(msg: Message, context: Context) -> Message:
         import torch
 
-        from floral_flwr.client import handlers, training
+        from floral_flwr.client import handlers
 
         sgd = {"s": 0.0, "cpu": 0.0}
-        original = training.train_local
+        original, sites = _train_local_sites()
 
         def timed_train_local(*a: Any, **kw: Any):
             t, c = time.perf_counter(), time.thread_time()
@@ -92,13 +115,18 @@ def timed_client_app(cfg: dict[str, Any]):
                 sgd["s"] += time.perf_counter() - t
                 sgd["cpu"] += time.thread_time() - c
 
-        training.train_local = timed_train_local
+        for site in sites:
+            site.train_local = timed_train_local
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # peak of this handler alone: in-process (inline) clients share one process
+            torch.cuda.reset_peak_memory_stats()
         try:
             t0 = time.perf_counter()
             reply = inner(msg, context)
             dt = time.perf_counter() - t0
         finally:
-            training.train_local = original
+            for site in sites:
+                site.train_local = original
         if not reply.has_error():
             setup = next(iter(handlers._SETUPS.values()), None)
             m = reply.content["metrics"]

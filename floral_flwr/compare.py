@@ -7,10 +7,14 @@ python -m floral_flwr.compare --tasks digits-rotate digits-label-shift synthetic
 
 Each run is the real ServerApp logic against the real ClientApp in this process
 (:func:`floral_flwr.inline.run_inline`: the same strategy, aggregation, private-state store and
-results code as ``flwr run``, without Ray). A run lives in ``<out>/runs/<task>__<method>__seed<s>``;
-it is *finished* when its ``summary.json`` exists, so re-running the same command resumes an
-interrupted sweep: finished runs are skipped, a run with a checkpoint resumes from its last
-completed round (``resume=true``), anything else restarts. At the end (and after every run) it
+results code as ``flwr run``, without Ray). A run lives in
+``<out>/runs/<task>__<method>__seed<s>__<key>``, where ``<key>`` hashes the run's full resolved
+config (every key after the task's presets are applied, and the number of clients): another
+``--rounds``, ``--clients``, ``--eval-every`` or ``--set`` is another run, never a stale one. A run
+is *finished* when its ``summary.json`` exists, so re-running the same command resumes an
+interrupted sweep: finished runs are reused (and said to be), a run with a checkpoint resumes
+from its last completed round (``resume=true``), anything else restarts; ``--rerun`` runs
+everything again. At the end (and after every run) it
 writes ``comparison.csv`` (one row per run), ``comparison.md`` (mean ± std over seeds per task and
 method, the best cell of each column in bold, as the paper's Table 1; plus wall time and bytes per
 round) and ``comparison.png``.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -35,7 +40,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from floral_flwr.config import METHODS
+from floral_flwr.config import METHODS, nearest
 
 DEFAULT_TASKS = ("digits-rotate", "digits-label-shift", "synthetic-linear", "synthetic-mlp")
 # rounds per task with --quick (evaluation at the end only)
@@ -51,8 +56,20 @@ def quick_rounds(task: str) -> int:
     return 20
 
 
-def run_name(task: str, method: str, seed: int) -> str:
-    return f"{task}__{method}__seed{seed}"
+# keys that say where a run goes, not what it computes
+_PLACEMENT_KEYS = ("output-dir", "run-name", "resume")
+
+
+def config_key(resolved: dict[str, Any], num_clients: int) -> str:
+    """Short hash of what a run computes: its resolved config and its number of clients."""
+    what = {k: v for k, v in resolved.items() if k not in _PLACEMENT_KEYS}
+    what["num-clients"] = num_clients
+    blob = json.dumps(what, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def run_name(task: str, method: str, seed: int, key: str) -> str:
+    return f"{task}__{method}__seed{seed}__{key}"
 
 
 def _parse_value(v: str) -> Any:
@@ -219,7 +236,10 @@ def _plot(stats, tasks, methods, metric_of, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.6), squeeze=False)
+    n_seeds = max((n for (_, _, n) in stats.values()), default=0)
+    fig.suptitle(f"Personalized test metric at the last round (mean ± std over {n_seeds} seed"
+                 f"{'s' * (n_seeds != 1)}; FLoRAL in red)")
     for ax, t in zip(axes[0], tasks):
         mus = [stats[(t, m)][0] for m in methods]
         sds = [stats[(t, m)][1] for m in methods]
@@ -231,11 +251,11 @@ def _plot(stats, tasks, methods, metric_of, path: Path) -> None:
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=70, fontsize=8)
         met = metric_of.get(t, "accuracy")
-        ax.set_title(t)
+        ax.set_title(f"{t} ({met}, {'lower' if met == 'mse' else 'higher'} is better)", fontsize=9)
         ax.set_ylabel(met)
         if met == "mse" and any(v > 0 for v in mus):
             ax.set_yscale("log")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # leave room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -253,10 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--out", default="comparison")
     ap.add_argument("--verbose", action="store_true", help="show each run's round lines")
+    ap.add_argument("--rerun", action="store_true", help="run again even runs that finished with the same config")
     args = ap.parse_args(argv)
 
-    from floral_flwr.config import ConfigError, parse_run_config
-    from floral_flwr.tasks import task_defaults
+    from floral_flwr.config import ConfigError, parse_run_config, precheck_run_config
+    from floral_flwr.preflight import check_run_config
 
     tasks = [t for s in args.tasks for t in s.split(",") if t]
     methods = [m for s in args.methods for m in s.split(",") if m]
@@ -268,6 +289,22 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         extra[k] = _parse_value(v)
+    # fast checks first (no torch): every name and every --set value
+    try:
+        for t in tasks:
+            for m in methods:
+                precheck_run_config({"task": t, "method": m, **extra})
+    except ConfigError as exc:
+        print(f"[compare] error: {exc}", file=sys.stderr)
+        return 2
+    from floral_flwr.tasks import TASK_NAMES, task_defaults
+
+    for t in tasks:  # a task newer than config.TASKS passes the pre-check; this is the authority
+        if t not in TASK_NAMES:
+            near = nearest(t, TASK_NAMES)
+            print(f"[compare] error: unknown task {t!r}" + (f"; did you mean {near!r}?" if near else "")
+                  + " (python -m floral_flwr list tasks)", file=sys.stderr)
+            return 2
     out = Path(args.out).resolve()
     runs_dir = out / "runs"
     jobs = []
@@ -282,25 +319,33 @@ def main(argv: list[str] | None = None) -> int:
                 if rounds:
                     cfg["num-server-rounds"] = rounds
                 try:  # every config is checked before the first run starts
-                    parsed = parse_run_config(cfg)
+                    cfg["eval-every"] = args.eval_every or parse_run_config(cfg).num_server_rounds
+                    resolved = check_run_config(cfg, K, fix="give --clients at least that many").to_dict()
                 except ConfigError as exc:
                     print(f"[compare] error: {t}/{m}: {exc}", file=sys.stderr)
                     return 2
-                cfg["eval-every"] = args.eval_every or parsed.num_server_rounds
+                key = config_key(resolved, K)
                 jobs.append({"task": t, "method": m, "seed": s, "config": cfg, "num-clients": K,
-                             "output-dir": str(runs_dir), "run-name": run_name(t, m, s),
+                             "output-dir": str(runs_dir), "run-name": run_name(t, m, s, key),
                              "verbose": args.verbose})
     # seed-major order: an interrupted sweep has every cell with fewer seeds, not some cells empty
     jobs.sort(key=lambda j: (j["seed"], tasks.index(j["task"]), methods.index(j["method"])))
     rows: list[dict[str, Any]] = []
     todo = []
+    reused = []
     for j in jobs:
         summ = runs_dir / j["run-name"] / "summary.json"
-        if summ.exists():
+        if summ.exists() and not args.rerun:
             rows.append(_row(j["task"], j["method"], j["seed"], json.loads(summ.read_text())))
+            reused.append(j["run-name"])
         else:
+            if args.rerun:
+                shutil.rmtree(runs_dir / j["run-name"], ignore_errors=True)
             todo.append(j)
     n_total = len(jobs)
+    if reused:
+        print(f"[compare] reusing {len(reused)} finished run(s) with the same resolved config "
+              f"(--rerun to run them again): {', '.join(reused)}", flush=True)
     print(f"[compare] {n_total} runs ({len(jobs) - len(todo)} already finished, {len(todo)} to do); "
           f"results in {out}", flush=True)
     t0 = time.monotonic()

@@ -9,15 +9,34 @@ for the keys; a test checks that pyproject.toml declares exactly these keys with
 
 Keys whose default is ``"auto"`` take the task's preset (the paper's hyper-parameters for that
 task, see ``floral_flwr.tasks``); any explicit value overrides the preset.
+
+:func:`precheck_run_config` needs no torch and no flwr (keys, names, types and ranges of the
+values given, in well under a second): front ends run it first (``floral_flwr.preflight``).
+Every error is one line naming the key, the value, the allowed values and the nearest valid
+spelling (``difflib``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from floral_flwr.config_values import (  # noqa: F401  (ConfigError, nearest, RANK_WORDS: public here too)
+    RANK_WORDS,
+    ConfigError,
+    _as_bool,
+    _as_choice,
+    _as_float,
+    _as_int,
+    _as_rank,
+    _as_text,
+    _err,
+    _hint,
+    as_reply_poll,
+    nearest,
+)
 
 # Names of the choices are kept here (not imported from the strategy/method modules) so that
 # validating a config never imports torch or flwr.
@@ -38,10 +57,22 @@ INCOMPATIBLE: dict[tuple[str, str], str] = {
 }
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 CONV_METHODS = ("balanced_2d", "balanced", "in", "out")
+ADAPTOR_INITS = ("zero", "official", "centered")
 DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("off", "bf16")
 AGGREGATIONS = ("mean", "sum-only")
 AUTO = "auto"
+# Task names, kept here (like METHODS) so that a misspelled task is caught without importing
+# torch. ``floral_flwr.tasks.TASK_NAMES`` stays the authority: a name missing here is looked up
+# there by the full check, and a test keeps the two equal.
+TASKS = (
+    "synthetic-linear", "synthetic-linear-simple", "synthetic-linear-bn",
+    "synthetic-mlp", "synthetic-mlp-simple", "synthetic-mlp-bn",
+    "digits-rotate", "digits-label-shift", "digits-rotate-reduced", "digits-label-shift-reduced",
+    *(n for b in ("mnist-rotate", "mnist-label-shift", "fmnist-rotate", "fmnist-label-shift",
+                  "cifar10-rotate", "cifar10-label-shift", "cifar100", "cifar100-bn", "cifar100-gn")
+      for n in (b, b + "-reduced")),
+)
 
 # key -> default. Order = order in README and pyproject.toml.
 DEFAULTS: dict[str, Any] = {
@@ -77,6 +108,8 @@ DEFAULTS: dict[str, Any] = {
     "alpha": 1.0,
     "conv-method": "balanced_2d",
     "adaptive-bias": True,
+    "adaptor-init": "centered",
+    "precondition": False,
     "adapt-norm": AUTO,
     "temperature": 1.0,
     "mixture-noise": 1.0,
@@ -107,9 +140,58 @@ DEFAULTS: dict[str, Any] = {
 # keys whose value may be "auto" (take the task preset); "device" = "auto" means cuda if present
 AUTO_KEYS = {k for k, v in DEFAULTS.items() if v == AUTO and k != "device"}
 
-
-class ConfigError(ValueError):
-    """A run-config value is missing, of the wrong type or out of range."""
+# key -> one line for `python -m floral_flwr list keys` (README's "Run config" table has the
+# long form; a test checks both cover exactly DEFAULTS)
+KEY_HELP: dict[str, str] = {
+    "task": "what to learn: data, partition into clients, model, metric (list tasks)",
+    "method": "what to federate and what stays private (list methods)",
+    "seed": "seeds model init, data partition, client sampling and local training",
+    "num-server-rounds": "federated rounds",
+    "fraction-train": "fraction of clients sampled per round (seeded)",
+    "fraction-evaluate": "fraction of clients evaluated on evaluation rounds",
+    "eval-every": "evaluate every N rounds (and in the last round)",
+    "min-available-nodes": "wait for this many connected nodes before a round",
+    "node-wait-timeout": "seconds to wait for nodes before stopping with an error",
+    "reply-timeout": "seconds to wait for the replies of one round",
+    "reply-poll": "seconds between the server's pulls for replies (0 = Flower's 3 s send_and_receive)",
+    "local-epochs": "local epochs per round",
+    "batch-size": "local batch size",
+    "lr": "client SGD learning rate of the shared weights",
+    "mixture-lr": "client SGD learning rate of the mixture logits",
+    "momentum": "client SGD momentum",
+    "weight-decay": "client weight decay on the shared weights",
+    "device": "auto (CUDA when available), cpu or cuda",
+    "num-threads": "torch threads per ClientApp process; 0 = the CPUs reserved for it",
+    "mixed-precision": "bf16: local training under bfloat16 autocast on CUDA",
+    "compile": "torch.compile the training forward once per ClientApp process",
+    "num-adaptors": "C, the number of adaptors (or models, for the C-model baselines)",
+    "rank": "adaptor rank: int >= 1, relative budget in (0, 1], sqrt, log or full",
+    "alpha": "adaptor scale",
+    "conv-method": "how conv adaptors split the kernel",
+    "adaptive-bias": "per-adaptor bias where the base layer has one",
+    "adaptor-init": "zero (no symmetry breaking), official (random biases) or centered (random, summing to zero over c)",
+    "precondition": "the official code's preconditioned LoRA gradient step",
+    "adapt-norm": "norm-layer adaptors",
+    "temperature": "p = softmax(logits / temperature)",
+    "mixture-noise": "training-time logit noise mixture-noise * U[0, 1)",
+    "prob-floor": "clamp the mixture p from below",
+    "entropy-penalty": "adds entropy-penalty * H(p) to the loss",
+    "per-layer-mixture": "one mixture per adapted layer instead of one per client",
+    "server-optimizer": "server step on the aggregate",
+    "server-lr": "server learning rate (FedAvgM, FedOpt)",
+    "server-momentum": "FedAvgM momentum",
+    "proximal-mu": "FedProx mu",
+    "aggregation": "mean, or sum-only (the form secure aggregation needs)",
+    "holdout-clients": "fraction of clients that never train (zero-shot vs adapted metrics)",
+    "adapt-steps": "local steps to fit what is personal at evaluation",
+    "ditto-lambda": "Ditto's proximal weight",
+    "data-dir": "directory with train/test parquet files for the image tasks",
+    "output-dir": "where run directories go",
+    "run-name": "run directory name ('' = <task>-<method>-seed<seed>-<timestamp>)",
+    "resume": "continue an interrupted run from its last completed round",
+    "persist-client-state": "simulation: clients keep their private state under the run directory",
+    "export-models": "at the end every client saves its personalized model on its own side",
+}
 
 
 @dataclass(frozen=True)
@@ -142,6 +224,8 @@ class RunConfig:
     alpha: float
     conv_method: str
     adaptive_bias: bool
+    adaptor_init: str
+    precondition: bool
     adapt_norm: bool
     temperature: float
     mixture_noise: float
@@ -179,110 +263,121 @@ class RunConfig:
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# typed readers: each raises ConfigError naming the key, the value and what is allowed
+# The values a key may take when it is a closed set (validation, suggestions and `list keys`).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "device": DEVICES,
+    "mixed-precision": MIXED_PRECISION,
+    "conv-method": CONV_METHODS,
+    "adaptor-init": ADAPTOR_INITS,
+    "server-optimizer": SERVER_OPTIMIZERS,
+    "aggregation": AGGREGATIONS,
+}
 
 
-def _err(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"run config '{key}' = {value!r} is invalid: allowed {allowed}")
+def _choice(key: str) -> Callable[[str, Any], str]:
+    return lambda k, v: _as_choice(k, v, CHOICES[key])
 
 
-def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise _err(key, value, "true or false")
+# key -> reader(key, value) -> typed value. One table for the fast pre-check and the full parse.
+READERS: dict[str, Callable[[str, Any], Any]] = {
+    "task": _as_text("a task name (python -m floral_flwr list tasks)", lambda v: bool(v.strip())),
+    "method": _choice("method"),
+    "seed": lambda k, v: _as_int(k, v, 0),
+    "num-server-rounds": lambda k, v: _as_int(k, v, 1),
+    "fraction-train": lambda k, v: _as_float(k, v, 0.0, 1.0, lo_open=True),
+    "fraction-evaluate": lambda k, v: _as_float(k, v, 0.0, 1.0, lo_open=True),
+    "eval-every": lambda k, v: _as_int(k, v, 1),
+    "min-available-nodes": lambda k, v: _as_int(k, v, 1),
+    "node-wait-timeout": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
+    "reply-timeout": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
+    "reply-poll": as_reply_poll,
+    "local-epochs": lambda k, v: _as_int(k, v, 1),
+    "batch-size": lambda k, v: _as_int(k, v, 1),
+    "lr": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
+    "mixture-lr": lambda k, v: _as_float(k, v, 0.0),
+    "momentum": lambda k, v: _as_float(k, v, 0.0, 1.0),
+    "weight-decay": lambda k, v: _as_float(k, v, 0.0),
+    "device": _choice("device"),
+    "num-threads": lambda k, v: _as_int(k, v, 0, 1024),
+    "mixed-precision": _choice("mixed-precision"),
+    "compile": _as_bool,
+    "num-adaptors": lambda k, v: _as_int(k, v, 1),
+    "rank": _as_rank,
+    "alpha": _as_float,
+    "conv-method": _choice("conv-method"),
+    "adaptive-bias": _as_bool,
+    "adaptor-init": _choice("adaptor-init"),
+    "precondition": _as_bool,
+    "adapt-norm": _as_bool,
+    "temperature": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
+    "mixture-noise": lambda k, v: _as_float(k, v, 0.0),
+    "prob-floor": lambda k, v: _as_float(k, v, 0.0, 1.0),
+    "entropy-penalty": _as_float,
+    "per-layer-mixture": _as_bool,
+    "server-optimizer": _choice("server-optimizer"),
+    "server-lr": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
+    "server-momentum": lambda k, v: _as_float(k, v, 0.0, 1.0),
+    "proximal-mu": lambda k, v: _as_float(k, v, 0.0),
+    "aggregation": _choice("aggregation"),
+    "holdout-clients": lambda k, v: _as_float(k, v, 0.0, 0.9),
+    "adapt-steps": lambda k, v: _as_int(k, v, 0),
+    "ditto-lambda": lambda k, v: _as_float(k, v, 0.0),
+    "data-dir": _as_text("a directory path or ''", lambda v: True),
+    "output-dir": _as_text("a non-empty directory path", lambda v: bool(v.strip())),
+    "run-name": _as_text(
+        "a name without path separators ('' = automatic)", lambda v: not any(c in v for c in "/\\\0")
+    ),
+    "resume": _as_bool,
+    "persist-client-state": _as_bool,
+    "export-models": _as_bool,
+}
 
 
-def _as_int(key: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise _err(key, value, "an integer")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise _err(key, value, "an integer") from None
-    if not isinstance(value, int):
-        raise _err(key, value, "an integer")
-    rng = _range_text(lo, hi)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _err(key, value, f"an integer {rng}")
-    return value
+def _is_auto(key: str, value: Any) -> bool:
+    return key in AUTO_KEYS and isinstance(value, str) and value.strip() == AUTO
 
 
-def _as_float(
-    key: str,
-    value: Any,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-) -> float:
-    if isinstance(value, bool):
-        raise _err(key, value, "a number")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise _err(key, value, "a number") from None
-    if not isinstance(value, (int, float)):
-        raise _err(key, value, "a number")
-    value = float(value)
-    rng = _range_text(lo, hi, lo_open)
-    if not math.isfinite(value):
-        raise _err(key, value, f"a finite number {rng}".strip())
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise _err(key, value, f"a number {rng}")
-    if hi is not None and value > hi:
-        raise _err(key, value, f"a number {rng}")
-    return value
+def check_keys(given: Mapping[str, Any]) -> None:
+    """Unknown keys are an error (they are almost always typos), each with its nearest key."""
+    unknown = [k for k in given if k not in DEFAULTS]
+    if not unknown:
+        return
+    parts = []
+    for k in unknown:
+        near = nearest(k, DEFAULTS)
+        parts.append(f"'{k}'" + (f" (did you mean '{near}'?)" if near else ""))
+    raise ConfigError(
+        f"unknown run config key {', '.join(parts)}: see `python -m floral_flwr list keys` "
+        f"for the {len(DEFAULTS)} keys"
+    )
 
 
-def _range_text(lo: Any, hi: Any, lo_open: bool = False) -> str:
-    if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo}, {hi}]"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo}"
-    if hi is not None:
-        return f"<= {hi}"
-    return ""
+def _check_task_name(task: Any, names: tuple[str, ...]) -> str:
+    if not isinstance(task, str) or task not in names:
+        raise _task_error(task, names)
+    return task
 
 
-def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise _err(key, value, "one of " + ", ".join(repr(c) for c in choices))
-    return value
+def _task_error(task: Any, names: tuple[str, ...]) -> ConfigError:
+    return _err("task", task, "one of " + ", ".join(repr(n) for n in names)
+                + " (python -m floral_flwr list tasks)", _hint(task, names))
 
 
-def _as_rank(key: str, value: Any) -> float | int | str:
-    """rank: int >= 1 (absolute), float in (0, 1] (relative budget rho), or sqrt/log/full."""
-    if isinstance(value, str):
-        s = value.strip()
-        if s in ("sqrt", "log", "full"):
-            return s
-        try:
-            value = float(s)
-        except ValueError:
-            raise _err(key, value, "an int >= 1, a float in (0, 1], 'sqrt', 'log' or 'full'") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _err(key, value, "an int >= 1, a float in (0, 1], 'sqrt', 'log' or 'full'")
-    if isinstance(value, float) and 0.0 < value <= 1.0:
-        return value
-    if float(value).is_integer() and value >= 1:
-        return int(value)
-    raise _err(key, value, "an int >= 1, a float in (0, 1], 'sqrt', 'log' or 'full'")
-
-
-def _reply_poll(value: Any) -> float:
-    """0 (Flower's own 3 s loop) or 0.01..10 s."""
-    poll = _as_float("reply-poll", value, 0.0, 10.0)
-    if 0.0 < poll < 0.01:
-        raise _err("reply-poll", value, "0 (Flower's send_and_receive) or a number in [0.01, 10] seconds")
-    return poll
+def precheck_run_config(given: Mapping[str, Any]) -> None:
+    """Everything that needs neither torch nor the task's presets: keys, method and choice
+    values, and the type and range of every value given explicitly. Well under a second."""
+    check_keys(given)
+    for key, value in given.items():
+        if _is_auto(key, value):
+            continue
+        if key == "task":
+            if isinstance(value, str) and value in TASKS:
+                continue
+            if nearest(value, TASKS) is not None or not isinstance(value, str):  # a typo
+                raise _task_error(value, TASKS)
+            continue  # a task newer than TASKS: the full check asks floral_flwr.tasks
+        READERS[key](key, value)
 
 
 def _known_tasks() -> tuple[str, ...] | None:
@@ -302,6 +397,20 @@ def task_presets(task: str) -> dict[str, Any]:
     return dict(tasks.get_task(task, num_clients=None).defaults)
 
 
+# Fallbacks for presets a task does not give.
+_FALLBACK_PRESETS = {
+    "num-server-rounds": 100,
+    "fraction-train": 1.0,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "lr": 0.1,
+    "mixture-lr": 0.1,
+    "num-adaptors": 4,
+    "rank": 0.1,
+    "adapt-norm": False,
+}
+
+
 def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
     """Validate a Flower run config and resolve "auto" keys from the task preset.
 
@@ -310,99 +419,26 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
     names the key, the bad value and what is allowed.
     """
     given = dict(run_config or {})
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"unknown run config key(s) {unknown}: allowed keys are {sorted(DEFAULTS)}"
-        )
+    check_keys(given)
     merged = {**DEFAULTS, **given}
 
     tasks = _known_tasks()
-    task = merged["task"]
     if tasks is not None:
-        task = _as_choice("task", task, tasks)
-    elif not isinstance(task, str):
-        raise _err("task", task, "a task name")
-    method = _as_choice("method", merged["method"], METHODS)
+        task = _check_task_name(merged["task"], tasks)
+    else:
+        task = READERS["task"]("task", merged["task"])
+    method = READERS["method"]("method", merged["method"])
 
     presets = task_presets(task) if tasks is not None else {}
-    # Fallbacks for presets a task does not give.
-    fallback = {
-        "num-server-rounds": 100,
-        "fraction-train": 1.0,
-        "local-epochs": 1,
-        "batch-size": 32,
-        "lr": 0.1,
-        "mixture-lr": 0.1,
-        "num-adaptors": 4,
-        "rank": 0.1,
-        "adapt-norm": False,
-    }
     for key in AUTO_KEYS:
-        if isinstance(merged[key], str) and merged[key].strip() == AUTO:
-            merged[key] = presets.get(key, fallback[key])
+        if _is_auto(key, merged[key]):
+            merged[key] = presets.get(key, _FALLBACK_PRESETS[key])
 
-    output_dir = merged["output-dir"]
-    if not isinstance(output_dir, str) or not output_dir.strip():
-        raise _err("output-dir", output_dir, "a non-empty directory path")
-    run_name = merged["run-name"]
-    if not isinstance(run_name, str) or any(c in run_name for c in "/\\\0"):
-        raise _err("run-name", run_name, "a name without path separators ('' = automatic)")
-    data_dir = merged["data-dir"]
-    if not isinstance(data_dir, str):
-        raise _err("data-dir", data_dir, "a directory path or ''")
-
+    values = {key: READERS[key](key, merged[key]) for key in DEFAULTS if key not in ("task", "method")}
     cfg = RunConfig(
         task=task,
         method=method,
-        seed=_as_int("seed", merged["seed"], 0),
-        num_server_rounds=_as_int("num-server-rounds", merged["num-server-rounds"], 1),
-        fraction_train=_as_float("fraction-train", merged["fraction-train"], 0.0, 1.0, lo_open=True),
-        fraction_evaluate=_as_float(
-            "fraction-evaluate", merged["fraction-evaluate"], 0.0, 1.0, lo_open=True
-        ),
-        eval_every=_as_int("eval-every", merged["eval-every"], 1),
-        min_available_nodes=_as_int("min-available-nodes", merged["min-available-nodes"], 1),
-        node_wait_timeout=_as_float("node-wait-timeout", merged["node-wait-timeout"], 0.0, lo_open=True),
-        reply_timeout=_as_float("reply-timeout", merged["reply-timeout"], 0.0, lo_open=True),
-        reply_poll=_reply_poll(merged["reply-poll"]),
-        local_epochs=_as_int("local-epochs", merged["local-epochs"], 1),
-        batch_size=_as_int("batch-size", merged["batch-size"], 1),
-        lr=_as_float("lr", merged["lr"], 0.0, lo_open=True),
-        mixture_lr=_as_float("mixture-lr", merged["mixture-lr"], 0.0),
-        momentum=_as_float("momentum", merged["momentum"], 0.0, 1.0),
-        weight_decay=_as_float("weight-decay", merged["weight-decay"], 0.0),
-        device=_as_choice("device", merged["device"], DEVICES),
-        num_threads=_as_int("num-threads", merged["num-threads"], 0, 1024),
-        mixed_precision=_as_choice("mixed-precision", merged["mixed-precision"], MIXED_PRECISION),
-        compile=_as_bool("compile", merged["compile"]),
-        num_adaptors=_as_int("num-adaptors", merged["num-adaptors"], 1),
-        rank=_as_rank("rank", merged["rank"]),
-        alpha=_as_float("alpha", merged["alpha"]),
-        conv_method=_as_choice("conv-method", merged["conv-method"], CONV_METHODS),
-        adaptive_bias=_as_bool("adaptive-bias", merged["adaptive-bias"]),
-        adapt_norm=_as_bool("adapt-norm", merged["adapt-norm"]),
-        temperature=_as_float("temperature", merged["temperature"], 0.0, lo_open=True),
-        mixture_noise=_as_float("mixture-noise", merged["mixture-noise"], 0.0),
-        prob_floor=_as_float("prob-floor", merged["prob-floor"], 0.0, 1.0),
-        entropy_penalty=_as_float("entropy-penalty", merged["entropy-penalty"]),
-        per_layer_mixture=_as_bool("per-layer-mixture", merged["per-layer-mixture"]),
-        server_optimizer=_as_choice(
-            "server-optimizer", merged["server-optimizer"], SERVER_OPTIMIZERS
-        ),
-        server_lr=_as_float("server-lr", merged["server-lr"], 0.0, lo_open=True),
-        server_momentum=_as_float("server-momentum", merged["server-momentum"], 0.0, 1.0),
-        proximal_mu=_as_float("proximal-mu", merged["proximal-mu"], 0.0),
-        aggregation=_as_choice("aggregation", merged["aggregation"], AGGREGATIONS),
-        holdout_clients=_as_float("holdout-clients", merged["holdout-clients"], 0.0, 0.9),
-        adapt_steps=_as_int("adapt-steps", merged["adapt-steps"], 0),
-        ditto_lambda=_as_float("ditto-lambda", merged["ditto-lambda"], 0.0),
-        data_dir=data_dir,
-        output_dir=output_dir,
-        run_name=run_name,
-        resume=_as_bool("resume", merged["resume"]),
-        persist_client_state=_as_bool("persist-client-state", merged["persist-client-state"]),
-        export_models=_as_bool("export-models", merged["export-models"]),
+        **{key.replace("-", "_"): v for key, v in values.items()},
         raw=given,
     )
     why = INCOMPATIBLE.get((cfg.method, cfg.server_optimizer))

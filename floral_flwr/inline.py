@@ -19,6 +19,7 @@ own runtimes set; we set it through ``flwr.supercore.task_identity.TaskIdentity`
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Mapping
 
@@ -51,6 +52,10 @@ class InlineGrid(Grid):
         ``(node_id, reply) -> reply``, lets tests tamper with replies (fault injection).
     serialize : bool
         Round-trip messages through protobuf (default True).
+    keep_replies : int or None
+        ``replies_seen`` holds the last ``keep_replies`` replies (default 256; None: all). Every
+        reply carries the client's whole shared state, so keeping all of them grows without
+        bound (~10 GB over a 500-round, 300-client MNIST-sized run).
     """
 
     # the strategy's exchange() calls send_and_receive directly: nothing to poll, no wire
@@ -65,13 +70,14 @@ class InlineGrid(Grid):
         reply_hook: Callable[[int, Message], Message] | None = None,
         serialize: bool = True,
         run_id: int = 1,
+        keep_replies: int | None = 256,
     ) -> None:
         self.client_app = client_app
         self.reply_hook = reply_hook
         self.serialize = serialize
         self._run_id = run_id
         self.contexts: dict[int, Context] = {}
-        self.replies_seen: list[Message] = []
+        self.replies_seen: deque[Message] = deque(maxlen=keep_replies)
         for k in range(num_nodes):
             node_id = 1000 + 7919 * k  # arbitrary, not equal to the partition id
             cfg = {"partition-id": k, "num-partitions": num_nodes, **dict((node_config or (lambda _: {}))(k))}

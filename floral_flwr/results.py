@@ -1,7 +1,9 @@
+# size: the whole results contract of one run in one place: its files, checkpoint, per-round line, closing table and plots.
 """What every run leaves behind (design.md §5), checkpoints, and the progress line.
 
 ``<output-dir>/<run-name>/``
-- ``config.json``   resolved run config, package versions, seed, git revision
+- ``config.json``   resolved run config and provenance: package versions, host (CPUs, torch
+                    threads, CUDA devices), source revision (git, else a hash of the app's files)
 - ``rounds.csv``    one row per round
 - ``clients.csv``   one row per (evaluation round, client)
 - ``summary.json``  final metrics, wall time, parameter report, communication per round
@@ -9,6 +11,11 @@
                     ``meta.json`` (round, rng, wall time); written atomically every round
 - ``plots/``        ``metric.png`` (personalized metric per round), ``loss.png``,
                     ``mixtures.png`` (clients x adaptors heatmap sorted by true cluster)
+- ``events.out.tfevents.*`` TensorBoard scalars per round (metric, worst 10 %, ARI, train loss,
+                    bytes), only when ``tensorboard`` is installed (``pip install tensorboard``)
+
+config.json and summary.json are world-readable (0644) like any result file; checkpoints and
+private client state keep the owner-only mode of their atomic writes.
 
 Checkpoints are ``.npz`` read with ``allow_pickle=False`` and JSON: nothing is unpickled.
 """
@@ -17,17 +24,18 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
-import subprocess
-import sys
+import os
+import statistics
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from floral_flwr.fileio import atomic_write_bytes, load_npz, save_npz
+from floral_flwr.provenance import git_revision_of_source, versions
+
+RESULT_FILE_MODE = 0o644  # config.json, summary.json: readable like any result file
 
 ROUND_FIELDS = [
     "round", "elapsed-s", "round-s", "train-loss", "sampled", "received", "failures", "rejected",
@@ -35,62 +43,65 @@ ROUND_FIELDS = [
 ]
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("flwr", "torch", "numpy", "flwr-datasets", "scikit-learn", "ray"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _git_revision() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        return res.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _fmt_secs(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-class RunRecorder:
-    """Writes the results contract of one run and reads its checkpoint back."""
+def _write_result(path: Path, data: bytes) -> None:
+    """Atomic write of a result file, readable by everyone (the temp file is owner-only)."""
+    atomic_write_bytes(path, data)
+    os.chmod(path, RESULT_FILE_MODE)
 
-    def __init__(self, run_dir: Path, metric: str, num_rounds: int, start_round: int = 1) -> None:
+
+class RunRecorder:
+    """Writes the results contract of one run and reads its checkpoint back.
+
+    ``label`` prefixes every line it prints (the method name, so that a log says which method
+    ran); ``eval_every`` lets the ETA know which of the remaining rounds also evaluate.
+    """
+
+    def __init__(self, run_dir: Path, metric: str, num_rounds: int, start_round: int = 1,
+                 label: str = "floral", eval_every: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.metric = metric
         self.num_rounds = num_rounds
         self.start_round = start_round
+        self.label = label
+        self.eval_every = eval_every
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.plots_dir = self.run_dir / "plots"
         self.t_start = time.monotonic()
         self.elapsed_before = 0.0  # wall time of the interrupted part when resuming
         self.final: dict[str, Any] = {}
         self.parameter_report: dict[str, Any] = {}
+        self.startup_s: float | None = None  # start-up + the first round of this process
+        self._last_elapsed: float | None = None
+        self._durations: list[tuple[float, bool]] = []  # (seconds, evaluated) after the first round
+        self._tb: Any = None  # TensorBoard writer, when tensorboard is installed
+        self.provenance: dict[str, Any] = {}  # what prepare() recorded (versions, host, source)
+
+    def say(self, text: str) -> None:
+        print(f"[{self.label}] {text}", flush=True)
 
     # ------------------------------------------------------------------ setup
 
-    def prepare(self, config: dict[str, Any], resume: bool) -> None:
+    def prepare(self, config: dict[str, Any], resume: bool, provenance: dict[str, Any] | None = None) -> None:
         """Create the run directory (checks it is writable) and write config.json."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         probe = self.run_dir / ".write-probe"
         probe.write_text("ok")
         probe.unlink()
-        info = {"config": config, "versions": _versions(), "git-revision": _git_revision(),
-                "resumed": resume, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        prov = provenance if provenance is not None else {"versions": versions(), "git-revision": git_revision_of_source()}
+        self.provenance = prov
+        info = {"config": config, **prov, "resumed": resume, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         name = "config.json" if not (resume and (self.run_dir / "config.json").exists()) else "config-resume.json"
-        atomic_write_bytes(self.run_dir / name, json.dumps(info, indent=2, default=str).encode())
+        _write_result(self.run_dir / name, json.dumps(info, indent=2, default=str).encode())
         if not resume:
             for f in ("rounds.csv", "clients.csv"):
                 (self.run_dir / f).unlink(missing_ok=True)
+            for f in self.run_dir.glob("events.out.tfevents.*"):
+                f.unlink()
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -189,23 +200,90 @@ class RunRecorder:
                 rows.append(out)
             self._append("clients.csv", fields, rows)
             self.final = {"round": stats.server_round, **s}
+        self._log_tensorboard(row)
         self.progress(stats)
         return row
 
+    def _is_eval_round(self, rnd: int) -> bool:
+        if self.eval_every is None:
+            return rnd == self.num_rounds
+        return rnd % self.eval_every == 0 or rnd == self.num_rounds
+
+    def eta_seconds(self, server_round: int) -> float | None:
+        """Seconds left after ``server_round``: the remaining training-only and evaluation rounds,
+        each at the median of the last 10 such rounds. The first round of a process is left out
+        (it carries the engine's start-up and the clients' set-up). None until one round after
+        the first has been timed."""
+        if not self._durations:
+            return None
+        plain = [d for d, ev in self._durations if not ev][-10:]
+        evals = [d for d, ev in self._durations if ev][-10:]
+        per_plain = statistics.median(plain) if plain else statistics.median(evals)
+        per_eval = statistics.median(evals) if evals else per_plain
+        rest = range(server_round + 1, self.num_rounds + 1)
+        n_eval = sum(1 for r in rest if self._is_eval_round(r))
+        return (len(rest) - n_eval) * per_plain + n_eval * per_eval
+
+    def _time_round(self, stats: Any) -> float:
+        now = self.elapsed()
+        last, self._last_elapsed = self._last_elapsed, now
+        if last is None:  # first round of this process: start-up included
+            self.startup_s = now - self.elapsed_before
+            return self.startup_s
+        took = now - last
+        self._durations.append((took, bool(stats.eval_summary)))
+        return took
+
     def progress(self, stats: Any) -> None:
-        done = stats.server_round - self.start_round + 1
-        todo = self.num_rounds - stats.server_round
-        spent = time.monotonic() - self.t_start
-        eta = spent / max(done, 1) * todo
+        """One line per round: round/N, elapsed, time per round and ETA (or the start-up time
+        on the first round), train loss, and on evaluation rounds the personalized metric."""
+        took = self._time_round(stats)
+        rnd = stats.server_round
         s = stats.eval_summary
-        ev = f"{self.metric} {s[f'{self.metric}-mean']:.4f}" if s else f"{self.metric} -"
-        ari = f" | ARI {s['cluster-ari']:.2f}" if "cluster-ari" in s else ""
-        bad = f" | failed {stats.failures} rejected {stats.rejected}" if stats.failures or stats.rejected else ""
-        print(
-            f"[floral] round {stats.server_round}/{self.num_rounds} | elapsed {_fmt_secs(self.elapsed())} "
-            f"| ETA {_fmt_secs(eta)} | train loss {stats.train_loss:.4f} | {ev}{ari}{bad}",
-            flush=True,
-        )
+        m = self.metric
+        parts = [f"round {rnd}/{self.num_rounds}", f"elapsed {_fmt_secs(self.elapsed())}"]
+        if len(self._durations) == 0:
+            parts.append(f"start-up + round {rnd}: {took:.1f} s (engine, clients' set-up)")
+        else:
+            recent = statistics.median(d for d, _ in self._durations[-10:])
+            eta = self.eta_seconds(rnd)
+            parts.append(f"{recent:.2f} s/round")
+            parts.append(f"ETA {_fmt_secs(eta) if eta is not None else '-'}")
+        parts.append(f"train loss {stats.train_loss:.4f}")
+        if s:
+            parts.append(f"{m} {s[f'{m}-mean']:.4f} (worst 10 % {s.get(f'{m}-worst10', float('nan')):.4f})")
+            if "cluster-ari" in s:
+                parts.append(f"ARI {s['cluster-ari']:.2f}")
+        if stats.failures or stats.rejected or stats.received < stats.sampled:
+            parts.append(f"replies {stats.received}/{stats.sampled}, failed {stats.failures}, "
+                         f"rejected {stats.rejected}")
+        self.say(" | ".join(parts))
+
+    # ------------------------------------------------------------------ TensorBoard
+
+    def _tensorboard(self) -> Any:
+        if self._tb is None:
+            self._tb = tensorboard_writer(self.run_dir) or False
+        return self._tb
+
+    def _log_tensorboard(self, row: dict[str, Any]) -> None:
+        tb = self._tensorboard()
+        if not tb:
+            return
+        rnd = int(row["round"])
+        scalars = {"train/loss": row["train-loss"], f"{self.metric}/mean": row["mean"],
+                   f"{self.metric}/worst10": row["worst10"], "cluster/ari": row["cluster-ari"],
+                   "bytes/up": row["bytes-up"], "bytes/down": row["bytes-down"],
+                   "time/round-s": row["round-s"]}
+        for tag, v in scalars.items():
+            if v not in ("", None) and v == v:  # skip blanks and NaN
+                tb.add_scalar(tag, float(v), rnd)
+        tb.flush()
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
+        self._tb = None
 
     # ------------------------------------------------------------------ end of run
 
@@ -217,11 +295,44 @@ class RunRecorder:
             "parameters": self.parameter_report,
             **extra,
         }
-        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=float).encode())
+        _write_result(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=float).encode())
+        self.close()
         return summary
 
-    def write_plots(self) -> list[Path]:
-        """Metric/loss curves and the mixture heatmap (skipped quietly without matplotlib)."""
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        """The closing table: final metric, worst 10 %, ARI, rounds, wall time, where results are."""
+        m = self.metric
+        f = summary.get("final") or {}
+
+        def num(key: str, fmt: str = ".4f") -> str:
+            v = f.get(key)
+            return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
+
+        rounds = f"{summary.get('rounds', self.num_rounds)}"
+        if self._durations:
+            rounds += f" ({statistics.median(d for d, _ in self._durations):.2f} s/round after start-up)"
+        wall = _fmt_secs(summary.get("wall-time-s", self.elapsed()))
+        if self.startup_s is not None:
+            wall += f" (start-up + first round {self.startup_s:.1f} s)"
+        rows = [
+            ("run", f"{summary.get('task', '?')} | {summary.get('method', self.label)} | seed {summary.get('seed', '?')}"),
+            (f"final {m}", f"{num(f'{m}-mean')} (round {f.get('round', '-')}, mean over evaluated clients)"),
+            ("worst 10 %", num(f"{m}-worst10")),
+            ("cluster ARI", num("cluster-ari", ".3f") if "cluster-ari" in f else "- (no clusters or not a mixture method)"),
+            ("rounds", rounds),
+            ("wall time", wall),
+            ("results", str(self.run_dir)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return ["summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        for line in self.summary_lines(summary):
+            self.say(line)
+
+    def write_plots(self, title: str = "") -> list[Path]:
+        """Metric/loss curves and the mixture heatmap (skipped quietly without matplotlib);
+        ``title`` (task / method / seed) heads every plot."""
         try:
             import matplotlib
 
@@ -245,6 +356,7 @@ class RunRecorder:
                     ax.plot(x, [float(r["cluster-ari"]) for r in ev], ls="--", label="cluster ARI")
                 ax.set_xlabel("round")
                 ax.set_ylabel(f"personalized {self.metric}")
+                ax.set_title(f"{title}: personalized {self.metric}" if title else f"personalized {self.metric}")
                 ax.grid(alpha=0.3)
                 ax.legend()
                 fig.tight_layout()
@@ -259,6 +371,7 @@ class RunRecorder:
                 ax.set_xlabel("round")
                 ax.set_ylabel("train loss")
                 ax.set_yscale("log")
+                ax.set_title(f"{title}: train loss" if title else "train loss")
                 ax.grid(alpha=0.3)
                 fig.tight_layout()
                 p = self.plots_dir / "loss.png"
@@ -282,7 +395,8 @@ class RunRecorder:
                     ax.set_yticks(
                         range(len(rows)), [f"client {r['client-id']} (c{r['true-cluster']})" for r in rows], fontsize=6
                     )
-                    ax.set_title(f"mixtures, round {last}")
+                    ax.set_title(f"{title}: mixtures, round {last}" if title else f"mixtures, round {last}",
+                                 fontsize=8)
                     fig.colorbar(im, ax=ax)
                     fig.tight_layout()
                     p = self.plots_dir / "mixtures.png"
@@ -290,3 +404,13 @@ class RunRecorder:
                     plt.close(fig)
                     out.append(p)
         return out
+
+
+def tensorboard_writer(log_dir: Path) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing into ``log_dir``, or None when the
+    optional ``tensorboard`` package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))

@@ -1,13 +1,21 @@
 """The ServerApp's main: run config -> task -> method -> strategy -> results.
 
 Everything that can be wrong with the configuration (bad keys or values, an unknown task, a
-method that needs clusters the task lacks, an unwritable output directory, ``resume=true`` with
-no checkpoint) is detected here, before round 1, and reported as one :class:`ConfigError` line.
+method that needs clusters the task lacks, a simulated federation with fewer SuperNodes than
+the task has clusters, an unwritable output directory, ``resume=true`` with no checkpoint) is
+detected here, before round 1 and before the run directory is created, and reported as one
+:class:`ConfigError` line. In simulation (``flwr run``) the ServerApp then prints that line and
+returns instead of raising, so that it is the last thing a ``flwr run --stream`` user reads
+(Flower would print a traceback and an exit-code banner after it); ``launch`` recognises the
+line (:data:`STOPPED`) and exits non-zero. In deployment the error is raised as before, so the
+run's status is ``failed``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,15 +25,84 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from floral_flwr.config import ConfigError, RunConfig, parse_run_config, resolve_output_dir
+from floral_flwr.config import METHODS, ConfigError, RunConfig, parse_run_config, resolve_output_dir
 from floral_flwr.methods import build_handle, check_method_task
+from floral_flwr.preflight import min_clients, too_few_clients
+from floral_flwr.provenance import provenance, provenance_line
 from floral_flwr.results import RunRecorder
 from floral_flwr.strategy.exchange import exchange
 from floral_flwr.strategy.floral_strategy import FloralStrategy
+from floral_flwr.strategy.nodes import ClientSetupError
 from floral_flwr.strategy.optimizers import build_strategy
 from floral_flwr.wire import to_array
 
 logger = logging.getLogger("floral_flwr")
+
+# what the ServerApp prints, after "[<method>] ", when it stops before training (launch greps it)
+STOPPED = "stopped before round 1: "
+# per-round INFO lines of the strategy that the one progress line per round already says
+_ROUND_CHATTER = ("configure_train:", "aggregate_train:", "configure_evaluate:", "aggregate_evaluate:")
+
+
+class _DropRoundChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and isinstance(record.msg, str)
+                    and record.msg.startswith(_ROUND_CHATTER))
+
+
+def is_simulation(grid: Grid) -> bool:
+    """True for the grid of Flower's simulation engine (``flwr run`` on a simulation SuperLink)."""
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # pragma: no cover - other flwr layouts
+        return type(grid).__name__ == "InMemoryGrid"
+    return isinstance(grid, InMemoryGrid)
+
+
+def _settled_node_count(grid: Grid, timeout: float) -> int:
+    """The number of simulated nodes once registration has settled. The simulation engine
+    registers all its nodes in one go, just after it starts the ServerApp's thread."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if (n > 0 and n == last) or time.monotonic() > deadline:
+            return n
+        last = n
+        time.sleep(0.25)
+
+
+def check_simulated_federation(grid: Grid, cfg: RunConfig, task_clusters: int | None) -> None:
+    """In simulation every SuperNode is one client: stop before round 1 when there are fewer
+    than the task's clusters (Flower's default federation has 2 SuperNodes)."""
+    if not is_simulation(grid):
+        return  # deployment: nodes come and go; each node's num-partitions sizes its task
+    need = min_clients(task_clusters)
+    have = _settled_node_count(grid, min(cfg.node_wait_timeout, 30.0))
+    if have < need:
+        raise ConfigError(too_few_clients(
+            cfg.task, need, f"this federation has {have} simulated SuperNode{'s' * (have != 1)}"))
+
+
+def _after_engine_start(timeout: float = 15.0, no_ray_after: float = 3.0) -> None:
+    """Wait (bounded) until the simulation engine has started Ray, so that a message printed
+    next is not followed by Ray's start-up warnings: the user reads it last."""
+    start = time.monotonic()
+    while (waited := time.monotonic() - start) < timeout:
+        ray = sys.modules.get("ray")
+        if ray is None and waited > no_ray_after:
+            return  # this engine does not use Ray
+        if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+            time.sleep(0.5)  # its warnings are printed as it finishes starting
+            return
+        time.sleep(0.2)
+
+
+def _fab_hash(grid: Grid) -> str | None:
+    try:
+        return str(grid.run.fab_hash) or None
+    except Exception:  # in-process grids have no Run
+        return None
 
 
 def _run_dir(cfg: RunConfig) -> Path:
@@ -48,8 +125,9 @@ def _run_dir(cfg: RunConfig) -> Path:
     return root / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run(cfg: RunConfig) -> tuple[Any, Any, RunRecorder]:
-    """Validate everything that can be validated before round 1."""
+def prepare_run(cfg: RunConfig, grid: Grid | None = None) -> tuple[Any, Any, RunRecorder]:
+    """Validate everything that can be validated before round 1; create the run directory
+    only once all of it passed (a failed start leaves nothing behind)."""
     from floral_flwr.tasks import task_info
 
     try:
@@ -57,21 +135,25 @@ def prepare_run(cfg: RunConfig) -> tuple[Any, Any, RunRecorder]:
         check_method_task(cfg, task.num_clusters)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if grid is not None:
+        check_simulated_federation(grid, cfg, task.num_clusters)
     handle = build_handle(cfg, task.build_model)
     run_dir = _run_dir(cfg)
-    recorder = RunRecorder(run_dir, task.metric, cfg.num_server_rounds)
+    if cfg.resume and not (run_dir / "checkpoint" / "meta.json").exists():
+        raise ConfigError(
+            f"run config 'resume' = true but '{run_dir}' has no checkpoint: run without resume "
+            f"first, or point 'run-name' at an interrupted run"
+        )
+    recorder = RunRecorder(run_dir, task.metric, cfg.num_server_rounds, label=cfg.method,
+                           eval_every=cfg.eval_every)
+    prov = provenance(cfg.device, _fab_hash(grid) if grid is not None else None)
     try:
-        recorder.prepare(cfg.to_dict(), resume=cfg.resume)
+        recorder.prepare(cfg.to_dict(), resume=cfg.resume, provenance=prov)
     except OSError as exc:
         raise ConfigError(
             f"run config 'output-dir' = {cfg.output_dir!r}: cannot write the run directory "
             f"'{run_dir}' ({exc.strerror or exc}); choose a writable directory"
         ) from exc
-    if cfg.resume and not recorder.has_checkpoint():
-        raise ConfigError(
-            f"run config 'resume' = true but '{run_dir}' has no checkpoint: run without resume "
-            f"first, or point 'run-name' at an interrupted run"
-        )
     return task, handle, recorder
 
 
@@ -92,7 +174,7 @@ def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
             done += 1
         elif reply.has_error():
             log(logging.WARNING, "export on node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
-    print(f"[floral] {done} client(s) exported their personalized model (kept on the client side)", flush=True)
+    print(f"[{cfg.method}] {done} client(s) exported their personalized model (kept on the client side)", flush=True)
     return done
 
 
@@ -102,14 +184,21 @@ def load_state_for_export(recorder: RunRecorder) -> ArrayRecord:
 
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Run the whole federation; returns the summary that is also written to summary.json."""
+    chatter = _DropRoundChatter()
+    logging.getLogger("flwr").addFilter(chatter)
     try:
-        cfg = parse_run_config(run_config)
-        task, handle, recorder = prepare_run(cfg)
-    except ConfigError as exc:
-        log(logging.ERROR, "[floral] configuration error: %s", exc)
-        raise
+        return _run_server(grid, run_config)
+    finally:
+        logging.getLogger("flwr").removeFilter(chatter)
+
+
+def _run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = parse_run_config(run_config)
+    task, handle, recorder = prepare_run(cfg, grid)
     run_dir = recorder.run_dir
-    print(f"[floral] run directory: {run_dir}", flush=True)
+    recorder.say(provenance_line(recorder.provenance))
+    recorder.say(f"{cfg.task} | {cfg.method} | seed {cfg.seed} | {cfg.num_server_rounds} rounds | "
+                 f"run directory: {run_dir}")
     num_adaptors = handle.num_adaptors
     initial = {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
                for k, v in handle.shared_state_dict().items()}
@@ -144,7 +233,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         start_round = done + 1
         recorder.truncate_after(done)
         recorder.start_round = start_round
-        print(f"[floral] resuming after round {done}", flush=True)
+        recorder.say(f"resuming after round {done}")
     report = getattr(getattr(handle, "floral", None), "parameter_report", None)
     if report is not None:
         recorder.parameter_report = report().as_dict()
@@ -165,7 +254,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         recorder.save_checkpoint(rnd, state, strat.optimizer_state(), {"seed": cfg.seed})
 
     if start_round > cfg.num_server_rounds:
-        print(f"[floral] nothing to do: checkpoint is at round {start_round - 1}", flush=True)
+        recorder.say(f"nothing to do: checkpoint is at round {start_round - 1}")
     else:
         strategy.start(
             grid,
@@ -196,17 +285,23 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             "exported-models": exported,
         }
     )
-    recorder.write_plots()
-    final = summary.get("final", {})
-    m = task.metric
-    if final:
-        ari = f", cluster ARI {final['cluster-ari']:.3f}" if "cluster-ari" in final else ""
-        print(
-            f"[floral] done: personalized {m} {final.get(f'{m}-mean', float('nan')):.4f} "
-            f"(worst 10 % {final.get(f'{m}-worst10', float('nan')):.4f}){ari}; results in {run_dir}",
-            flush=True,
-        )
+    recorder.write_plots(f"{cfg.task} / {cfg.method} / seed {cfg.seed}")
+    recorder.print_summary(summary)
     return summary
+
+
+def _label(run_config: Mapping[str, Any]) -> str:
+    """The method name for log lines, even when the config did not parse."""
+    method = dict(run_config).get("method", "floral")
+    return method if method in METHODS else "floral-flwr"
+
+
+def _setup_error_line(exc: ClientSetupError) -> str:
+    """The client's own message out of a (Ray-wrapped) setup error, on one line."""
+    text = str(exc)
+    found = re.findall(r"Message: (.*?)(?:'>|$)", text, flags=re.S)
+    msg = found[-1].strip() if found else text.strip().splitlines()[-1]
+    return "every client failed to set up the task: " + " ".join(msg.split())
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
@@ -217,6 +312,15 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, {**dict(context.run_config), **extra})
+        run_config = {**dict(context.run_config), **extra}
+        try:
+            run_server(grid, run_config)
+        except (ConfigError, ClientSetupError) as exc:
+            line = str(exc) if isinstance(exc, ConfigError) else _setup_error_line(exc)
+            if not is_simulation(grid):
+                log(logging.ERROR, "[%s] %s%s", _label(run_config), STOPPED, line)
+                raise  # deployment: the run's status says failed
+            _after_engine_start()
+            print(f"[{_label(run_config)}] {STOPPED}{line}", flush=True)
 
     return app

@@ -167,3 +167,17 @@ def test_waiting_for_nodes_times_out_with_clear_message():
     grid = InlineGrid(fake_client_app(), 3)
     with pytest.raises(NodeWaitTimeout, match="min-available-nodes"):
         strategy.start(grid, ArrayRecord({k: Array(v) for k, v in INITIAL.items()}), num_rounds=1)
+
+
+@pytest.mark.parametrize("keep, expected", [(4, 4), (None, 3 + 3 * 3 + 3)])
+def test_inline_grid_keeps_a_bounded_number_of_replies(keep, expected):
+    # every reply holds a client's whole state: a long run must not keep them all (3 discovery
+    # replies + 3 rounds x 3 train replies + 3 evaluate replies of the last round here); the
+    # newest are kept
+    strategy = build_strategy("fedavg", num_adaptors=2, metric="accuracy", seed=0, eval_every=10**6,
+                              num_rounds=3, fraction_train=1.0, fraction_evaluate=1.0,
+                              min_available_nodes=3, node_wait_timeout=5)
+    grid = InlineGrid(fake_client_app(), 3, keep_replies=keep)
+    strategy.start(grid, ArrayRecord({k: Array(v) for k, v in INITIAL.items()}), num_rounds=3)
+    assert len(grid.replies_seen) == expected
+    assert [m.metadata.message_type for m in list(grid.replies_seen)[-4:]] == ["train"] + ["evaluate"] * 3

@@ -1,3 +1,4 @@
+# size: one fork-server executor with every Flower internal it touches, in one file that is run by path (it cannot import its own package).
 """Warm executor for SuperNodes: a fork-server SuperExec (flower-supernode ``--isolation process``).
 
 Flower 1.41/1.42 runs every message in a fresh ``flwr-clientapp`` process, which imports torch

@@ -2,12 +2,19 @@
 
 API: ``docs/contracts.md`` section 1. Layout: ``rank.py`` (rank rules), ``mixture.py`` (logits ->
 p), ``adaptors.py`` (one class per layer kind with ``delta_weight(p)`` / ``delta_bias(p)`` and
-the parametrizations), ``model.py`` (``Floral``: wrap, state dicts, merge, report).
+the parametrizations), ``init.py`` (how the adaptors start), ``precondition.py`` (the official
+scaled-GD gradients of the factors, optional), ``model.py`` (``Floral``: wrap, state dicts, merge,
+report).
 
 Deliberate deviations from the official code (github.com/zeligism/FLoRAL):
 
-* Adaptive bias and norm-adaptor affines start at **zero** (official: the LoRA bias keeps
-  PyTorch's random init), so wrapping never changes the model's output.
+* Adaptive biases start *centred* (``adaptor_init="centered"``): drawn as the official code draws
+  them (PyTorch's default bias init of its ``layer_out``), then minus their mean over the C
+  adaptors. The adaptors differ from the start, as in the official code, so the mixtures get a
+  gradient at once; but at the initial uniform mixture the biases sum to zero, so wrapping does not
+  change the model's output (official: it adds the mean bias). ``"zero"`` (identical adaptors,
+  our earlier default) misses the clusters at the paper's MNIST protocol; see ``init.py``.
+  Norm-adaptor affines start at zero.
 * ``balanced_2d`` splits non-square kernels exactly per axis: in (1, kw), out (kh, 1) (official:
   (1, min k)/(max k, 1) by channel counts, which changes the effective kernel and output shape).
   For 3d it uses in (1, kh, kw), out (kd, 1, 1) (official: falls back to ``balanced``).

@@ -23,7 +23,9 @@ from torch.nn.utils import parametrize
 
 from .adaptors import (CONV_METHODS, Adaptor, BiasFold, WeightFold, find_factory, linear_forward,
                        unsupported_reason)
+from .init import ADAPTOR_INITS, init_adaptor_
 from .mixture import Mixture, MixtureContext
+from .precondition import install_preconditioner
 from .rank import RankSpec, validate_rank
 
 LINEAR_COMPUTE = ("auto", "fold", "unfold")
@@ -102,7 +104,14 @@ class Floral(nn.Module):
         rank: int >= 1 | float rho in (0, 1] | "sqrt" | "log" | "full" (see ``rank.py``).
         alpha: adaptor scale (no alpha/r scaling, as in the official code).
         conv_method: "balanced_2d" | "balanced" | "in" | "out" (see ``adaptors.split_kernel``).
-        adaptive_bias: per-adaptor bias (zero-init) where the base layer has a bias.
+        adaptive_bias: per-adaptor bias where the base layer has a bias.
+        adaptor_init: how the per-adaptor biases start, "centered" (default: random, summing to
+            zero over the C adaptors, so the adaptors differ but the output at the uniform
+            mixture is the base model's) | "official" (random) | "zero" (identical adaptors);
+            see ``init.py``.
+        precondition: rescale the factors' gradients as the official trainer does
+            (``(B^T B + eps I)^-1 g_A``, ``g_B (A A^T + eps I)^-1``; see ``precondition.py``),
+            with ``eps = precond_eps``.
         temperature, mixture_noise, prob_floor: see ``mixture.py``.
         entropy_penalty: ``regularization_loss() = entropy_penalty * H(p)``, H in nats of the
             noise-free softmax (mean over rows for per-layer mixtures). Add it to the loss:
@@ -139,6 +148,9 @@ class Floral(nn.Module):
         per_layer_mixture: bool = False,
         local_patterns: Union[str, Iterable[str]] = (),
         linear_compute: str = "auto",
+        adaptor_init: str = "centered",
+        precondition: bool = False,
+        precond_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         # ---- validation (ValueError naming parameter, value and allowed values)
@@ -151,6 +163,13 @@ class Floral(nn.Module):
             raise ValueError(f"min_rank={min_rank!r} is invalid; allowed: int >= 1")
         if conv_method not in CONV_METHODS:
             raise ValueError(f"conv_method={conv_method!r} is invalid; allowed: {CONV_METHODS}")
+        if adaptor_init not in ADAPTOR_INITS:
+            raise ValueError(f"adaptor_init={adaptor_init!r} is invalid; allowed: {ADAPTOR_INITS}")
+        if not isinstance(precondition, bool):
+            raise ValueError(f"precondition={precondition!r} is invalid; allowed: True or False")
+        if (isinstance(precond_eps, bool) or not isinstance(precond_eps, (int, float))
+                or not math.isfinite(precond_eps) or precond_eps <= 0):
+            raise ValueError(f"precond_eps={precond_eps!r} is invalid; allowed: a finite float > 0")
         if linear_compute not in LINEAR_COMPUTE:
             raise ValueError(f"linear_compute={linear_compute!r} is invalid; allowed: {LINEAR_COMPUTE}")
         for pname, value in (("alpha", alpha), ("temperature", temperature),
@@ -174,6 +193,9 @@ class Floral(nn.Module):
         self.entropy_penalty = float(entropy_penalty)
         self.linear_compute = linear_compute
         self.local_patterns = local_p
+        self.adaptor_init = adaptor_init
+        self.precondition = precondition
+        self._precond_handles: List[Any] = []
 
         # ---- the unwrapped model's state keys and parameter count (before parametrizing)
         self._base_keys: List[str] = list(model.state_dict().keys())
@@ -217,6 +239,9 @@ class Floral(nn.Module):
             adaptor: Adaptor = factory(module, num_adaptors=num_adaptors, rank=rank,
                                        min_rank=min_rank, adaptive_bias=adaptive_bias,
                                        conv_method=conv_method)
+            init_adaptor_(adaptor, adaptor_init)
+            if precondition:
+                self._precond_handles += install_preconditioner(adaptor, float(precond_eps))
             self._param_order[name] = list(module._parameters.keys())
             own_forward = type(module).forward
             fold = WeightFold(adaptor, self._ctx, index, self.alpha)

@@ -99,8 +99,9 @@ class FedDPAHandle(ModelHandle):
     @classmethod
     def build(cls, cfg: Any, build_model: Callable[[], nn.Module]) -> "FedDPAHandle":
         kw = floral_kwargs(cfg)
+        # FedDPA's adaptors are LoRA started at zero (global and local), not FLoRAL's mixture init
         kw.update(num_adaptors=2, mixture_noise=0.0, prob_floor=0.0, temperature=1.0,
-                  entropy_penalty=0.0, per_layer_mixture=False)
+                  entropy_penalty=0.0, per_layer_mixture=False, adaptor_init="zero")
         fm = Floral(build_model(), **kw)
         fm.mixture.logits.requires_grad_(False)
         h = cls(FedDPAModel(fm))

@@ -89,6 +89,8 @@ def floral_kwargs(cfg: RunConfig) -> dict[str, Any]:
         alpha=cfg.alpha,
         conv_method=cfg.conv_method,
         adaptive_bias=cfg.adaptive_bias,
+        adaptor_init=cfg.adaptor_init,
+        precondition=cfg.precondition,
         adapt_norm=cfg.adapt_norm,
         temperature=cfg.temperature,
         mixture_noise=cfg.mixture_noise,
