@@ -91,6 +91,9 @@ DEFAULTS: dict[str, Any] = {
     # s between the server's pulls for replies (0 = Flower's send_and_receive, every 3 s, with
     # one wire object per array); see floral_flwr/strategy/exchange.py
     "reply-poll": 0.1,
+    # an evaluation round's evaluation rides on the next round's train messages (same numbers,
+    # one message per client instead of two); see floral_flwr/strategy/eval_fold.py
+    "fold-evaluation": True,
     # local training
     "local-epochs": AUTO,
     "batch-size": AUTO,
@@ -154,6 +157,7 @@ KEY_HELP: dict[str, str] = {
     "node-wait-timeout": "seconds to wait for nodes before stopping with an error",
     "reply-timeout": "seconds to wait for the replies of one round",
     "reply-poll": "seconds between the server's pulls for replies (0 = Flower's 3 s send_and_receive)",
+    "fold-evaluation": "evaluate with the next round's train message (same numbers, one message per client)",
     "local-epochs": "local epochs per round",
     "batch-size": "local batch size",
     "lr": "client SGD learning rate of the shared weights",
@@ -209,6 +213,7 @@ class RunConfig:
     node_wait_timeout: float
     reply_timeout: float
     reply_poll: float
+    fold_evaluation: bool
     local_epochs: int
     batch_size: int
     lr: float
@@ -292,6 +297,7 @@ READERS: dict[str, Callable[[str, Any], Any]] = {
     "node-wait-timeout": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
     "reply-timeout": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
     "reply-poll": as_reply_poll,
+    "fold-evaluation": _as_bool,
     "local-epochs": lambda k, v: _as_int(k, v, 1),
     "batch-size": lambda k, v: _as_int(k, v, 1),
     "lr": lambda k, v: _as_float(k, v, 0.0, lo_open=True),

@@ -220,6 +220,7 @@ def _run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     )
     strategy.sum_only = cfg.aggregation == "sum-only"
     strategy.reply_poll = cfg.reply_poll
+    strategy.fold_evaluation = cfg.fold_evaluation
     start_round = 1
     arrays = initial
     if cfg.resume:

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from floral_flwr.client.state_store import StateDir
 from floral_flwr.fileio import save_npz
 from floral_flwr.strategy.aggregate import scale_for_sum
+from floral_flwr.strategy.eval_fold import EVAL_RECORD, EVAL_ROUND_KEY
 from floral_flwr.methods.training import evaluate_local, seed_for, seed_torch
 from floral_flwr.config import RunConfig, parse_run_config
 from floral_flwr.holdout import holdout_clients
@@ -252,6 +253,10 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
     cid, _ = client_identity(context)
     config = msg.content["config"]
     rnd = int(config["server-round"])
+    # the previous round's evaluation, folded into this message (floral_flwr.strategy.eval_fold):
+    # done first, from the same shared and private state; training below reloads both
+    evaluated = (evaluate_personalized(setup, context, msg, int(config[EVAL_ROUND_KEY]))
+                 if EVAL_ROUND_KEY in config else None)
     store = open_store(context, setup, cid, config)
     _load_shared(setup, msg)
     restore_private(setup, context, store, rnd)
@@ -287,6 +292,8 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
                                metrics.get("adaptor-weights"))
         arrays = ArrayRecord({k: to_array(v) for k, v in scaled.items()})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    if evaluated is not None:
+        content[EVAL_RECORD] = MetricRecord(evaluated)
     fault = context.node_config.get("fault")
     if fault:  # TEST ONLY: deliberate bad replies for the fault tests (floral_flwr/client/faults.py)
         from floral_flwr.client.faults import inject_fault
@@ -297,10 +304,18 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
 
 def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
     setup = get_setup(context, run_config)
+    config = msg.content["config"]
+    metrics = evaluate_personalized(setup, context, msg, int(config["server-round"]))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def evaluate_personalized(setup: ClientSetup, context: Context, msg: Message, rnd: int) -> dict[str, Any]:
+    """This client's personalized metrics after round ``rnd``: the message's shared state with
+    the private state saved in round ``rnd`` (an evaluate message, or a train message of round
+    ``rnd + 1`` that evaluates first, see :mod:`floral_flwr.strategy.eval_fold`)."""
     cfg = setup.cfg
     cid, _ = client_identity(context)
     config = msg.content["config"]
-    rnd = int(config["server-round"])
     store = open_store(context, setup, cid, config)
     _load_shared(setup, msg)
     # evaluation after round r uses the state saved in round r
@@ -337,7 +352,7 @@ def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any
     mix = setup.handle.mixture()
     if mix:
         metrics["mixture"] = mix
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return metrics
 
 
 def export_personalized(setup: ClientSetup, context: Context, msg: Message, cid: int) -> str | None:

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from floral_flwr.strategy.aggregate import FloralAccumulator
+from floral_flwr.strategy.eval_fold import PendingEval, fold_into, split_folded_replies
 from floral_flwr.strategy.evaluation import collect_eval_rows, summarize_round
 from floral_flwr.strategy.exchange import DEFAULT_POLL, exchange
 from floral_flwr.strategy.nodes import ClientDirectory, sample_nodes, wait_for_nodes
@@ -124,6 +125,8 @@ class FloralStrategy(FedAvg):
         self.total_rejected = 0
         # run config "reply-poll": s between reply pulls (0 = Flower's send_and_receive), see .exchange
         self.reply_poll = float(getattr(self, "reply_poll", DEFAULT_POLL))
+        # an evaluation round's evaluation rides on the next round's train messages (see .eval_fold)
+        self.fold_evaluation = bool(getattr(self, "fold_evaluation", True))
 
     # ------------------------------------------------------------------ the loop
 
@@ -146,26 +149,39 @@ class FloralStrategy(FedAvg):
         result = Result()
         result.arrays = initial_arrays
         arrays = initial_arrays
+        pending: PendingEval | None = None  # an evaluation riding on the next round's messages
         for rnd in range(start_round, num_rounds + 1):
             t0 = time.monotonic()
-            arrays = self._train_round(rnd, arrays, grid, train_config, timeout, result)
+            msgs = list(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid))
+            if pending is not None:
+                msgs = fold_into(pending, msgs, self.arrayrecord_key, self.configrecord_key)
+            replies = exchange(grid, msgs, timeout, self.reply_poll)
+            if pending is not None:  # round rnd-1 is complete now: record it before aggregating
+                replies = self._finish_evaluation(pending, replies, result, evaluate_fn, on_round_end)
+                pending = None
+            arrays = self._aggregate_round(rnd, arrays, replies, result)
             t1 = time.monotonic()
             self.stats.seconds_train = t1 - t0
+            if self.fold_evaluation and rnd < num_rounds and self.is_eval_round(rnd):
+                pending = self._plan_evaluation(rnd, arrays, grid, evaluate_config)
+                continue
             self._evaluate_round(rnd, arrays, grid, evaluate_config, timeout, result)
             self.stats.seconds_eval = time.monotonic() - t1
-            if evaluate_fn is not None:
-                res = evaluate_fn(rnd, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[rnd] = res
-            if on_round_end is not None:
-                on_round_end(rnd, arrays, self)
+            self._end_round(rnd, arrays, result, evaluate_fn, on_round_end)
         return result
 
-    def _train_round(self, rnd: int, arrays: ArrayRecord, grid: Grid, train_config: ConfigRecord | None,
-                     timeout: float, result: Result) -> ArrayRecord:
-        """Configure, send, aggregate; the new global state (the old one if nothing was valid)."""
-        replies = exchange(grid, self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid),
-                           timeout, self.reply_poll)
+    def _end_round(self, rnd: int, arrays: ArrayRecord, result: Result,
+                   evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+                   on_round_end: Callable[[int, ArrayRecord, "FloralStrategy"], None] | None) -> None:
+        if evaluate_fn is not None:
+            res = evaluate_fn(rnd, arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[rnd] = res
+        if on_round_end is not None:
+            on_round_end(rnd, arrays, self)
+
+    def _aggregate_round(self, rnd: int, arrays: ArrayRecord, replies: list[Message], result: Result) -> ArrayRecord:
+        """Aggregate the train replies; the new global state (the old one if nothing was valid)."""
         new_arrays, train_metrics = self.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = self._keep_dtypes(new_arrays)
@@ -173,6 +189,34 @@ class FloralStrategy(FedAvg):
         if train_metrics is not None:
             result.train_metrics_clientapp[rnd] = train_metrics
         return arrays
+
+    # ------------------------------------------------------------------ evaluation folded in
+
+    def _plan_evaluation(self, rnd: int, arrays: ArrayRecord, grid: Grid,
+                         evaluate_config: ConfigRecord | None) -> PendingEval:
+        """Sample round ``rnd``'s evaluation now (where it is sampled when sent at once); it is
+        sent with round ``rnd + 1``'s train messages, which carry the same global state."""
+        arrays = self._keep_dtypes(arrays)
+        nodes = self.sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, rnd, salt=EVALUATE_SALT)
+        return PendingEval(rnd, arrays, self.stats, set(nodes), ConfigRecord(dict(evaluate_config or {})))
+
+    def _finish_evaluation(
+        self, pending: PendingEval, replies: list[Message], result: Result,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+        on_round_end: Callable[[int, ArrayRecord, "FloralStrategy"], None] | None,
+    ) -> list[Message]:
+        """Take round ``pending.round``'s evaluation out of this exchange's replies, record that
+        round (before this round's aggregation moves the server optimizer), return the train replies."""
+        train, evaluated = split_folded_replies(replies, pending)
+        current, self.stats = self.stats, pending.stats
+        try:
+            eval_metrics = self.aggregate_evaluate(pending.round, evaluated)
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[pending.round] = eval_metrics
+            self._end_round(pending.round, pending.arrays, result, evaluate_fn, on_round_end)
+        finally:
+            self.stats = current
+        return train
 
     def _evaluate_round(self, rnd: int, arrays: ArrayRecord, grid: Grid, evaluate_config: ConfigRecord | None,
                         timeout: float, result: Result) -> None:
