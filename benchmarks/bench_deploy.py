@@ -14,6 +14,10 @@ the default 7 rounds) and round R adds the evaluation:
   ``reply-poll=0.1`` with packed arrays);
 - **simulation**: ``python -m floral_flwr.launch`` (Ray) with the same clients.
 
+"evalfold": the warm path with an evaluation every 2nd round, folded into the next round's train
+messages (``fold-evaluation=true``, the default) vs a separate evaluate exchange (``false``); the
+mean of rounds 2..R-1 is then (training-only round + evaluation round) / 2.
+
 "2": 2 SuperNodes hosting clients 0, 1 of 4 (``fraction-train = fraction-evaluate = 0.5``: one
 client trains per round) vs a 4-client simulation; "6": 6 SuperNodes vs 6 simulated clients (all
 train). All SuperNodes talk to the SuperLink through a byte-counting loopback proxy. "nodewait": the warm
@@ -69,6 +73,7 @@ def _rounds(run_dir: Path) -> dict:
         "first-round-s": float(rows[0]["round-s"]),
         "warm-rounds-s": [round(x, 3) for x in warm],
         "median-warm-round-s": statistics.median(warm) if warm else None,
+        "mean-warm-round-s": statistics.mean(warm) if warm else None,
         "eval-round-s": durations[-1] if durations else None,
         "train-loss": [r["train-loss"] for r in rows],
         "payload-up": summary.get("bytes-up-per-round"),
@@ -154,15 +159,15 @@ def report(results: dict, cold: float | None, started: float) -> str:
         lines += [f"cold ClientApp imports (fresh interpreter: torch + Flower's ClientApp runtime + the app): "
                   f"{cold:.2f} s", ""]
     lines += ["| setting | status | round 1 s | warm rounds s (2..R-1) | median warm round s | eval round s | "
-              "ClientApp start-up s (median, n) | payload up/down per round | wire up/down, warm round | train losses |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "mean s | ClientApp start-up s (median, n) | payload up/down per round | wire up/down, warm round | train losses |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in results.items():
         warm = r.get("warm_wire")
         wire = f"{warm[0]:,.0f} / {warm[1]:,.0f}" if warm else ("n/a (in-process)" if "wire_up" not in r else "n/a")
         start = (f"{_fmt(r['startup_median_s'], 3)} ({r['startup_n']})" if r.get("startup_median_s") is not None
                  else ("cold process" if "wire_up" in r else "n/a"))
         lines.append(f"| {k} | {r['status']} | {_fmt(r['first-round-s'], 1)} | {r['warm-rounds-s']} | "
-                     f"**{_fmt(r['median-warm-round-s'])}** | {_fmt(r['eval-round-s'])} | {start} | "
+                     f"**{_fmt(r['median-warm-round-s'])}** | {_fmt(r['eval-round-s'])} | {_fmt(r['mean-warm-round-s'])} | {start} | "
                      f"{r['payload-up']:,.0f} / {r['payload-down']:,.0f} | {wire} | "
                      f"{', '.join(x[:8] for x in r['train-loss'])} |")
     return "\n".join(lines)
@@ -172,7 +177,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default="/tmp/bench-deploy")
-    ap.add_argument("--only", choices=["2", "6", "links", "nodewait"], default=None)
+    ap.add_argument("--only", choices=["2", "6", "6warm", "links", "nodewait", "evalfold"], default=None)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,8 +192,14 @@ def main() -> int:
         results["2-of-4 simulation"] = simulation(out, "sim2", 4, a.rounds, half)
     if a.only in (None, "6"):
         results["6 nodes, today"] = deployment(out, "today6", 6, 6, a.rounds, "", TODAY)
+    if a.only in (None, "6", "6warm"):
         results["6 nodes, warm"] = deployment(out, "warm6", 6, 6, a.rounds, "", WARM)
+    if a.only in (None, "6"):
         results["6-client simulation"] = simulation(out, "sim6", 6, a.rounds, "")
+    if a.only in (None, "evalfold"):  # every 2nd round evaluates: folded into the next round vs separate
+        for fold in ("true", "false"):
+            results[f"2 nodes, warm, eval-every=2, fold-evaluation={fold}"] = deployment(
+                out, f"evalfold-{fold}", 2, 4, a.rounds, f"{half} eval-every=2 fold-evaluation={fold}", WARM)
     if a.only in (None, "nodewait"):  # what the SuperNode's fixed 3 s idle wait costs on its own
         results["2 nodes, warm executor, stock SuperNode waits"] = deployment(out, "nodewait2", 2, 4, a.rounds, half,
                                                                              WARM_STOCK_WAITS)
