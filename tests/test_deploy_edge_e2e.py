@@ -3,8 +3,9 @@
 1. ``test_deploy_local_streams_rounds_and_changes_no_number`` (default suite): the per-round
    lines reach stdout while the run is still going, the closing summary is printed, every
    ClientApp message and the ServerApp were served by forked children of the warm executors (no
-   cold ``flwr-clientapp`` / ``flwr-serverapp``), and the train loss of every round is exactly
-   the in-process run's.
+   cold ``flwr-clientapp`` / ``flwr-serverapp``), and the train loss of every round and every
+   client's evaluation (round 2's folded into round 3's train messages, round 3's sent at once)
+   are exactly the in-process run's.
 2. ``test_ctrl_c_stops_everything_deploy_local_started`` (slow): SIGINT in the middle of a run
    ends ``deploy local`` with exit code 130 and leaves none of its processes running.
 """
@@ -34,7 +35,7 @@ ROUND_LINE = "aggregate_train:"  # the ServerApp logs it once per round
 
 def _config(out: Path, name: str, rounds: int) -> dict:
     # num-threads=1 in both runs: a float32 sum over 1 or 2 threads differs in the last bits
-    return {"task": "digits-label-shift", "num-server-rounds": rounds, "eval-every": rounds, "batch-size": 16,
+    return {"task": "digits-label-shift", "num-server-rounds": rounds, "eval-every": 2, "batch-size": 16,
             "num-threads": 1,
             "fraction-train": 0.5, "fraction-evaluate": 0.5, "min-available-nodes": 2,
             "node-wait-timeout": 300.0, "reply-timeout": 300.0, "output-dir": str(out), "run-name": name}
@@ -46,6 +47,10 @@ def _as_run_config(cfg: dict) -> str:
 
 def _losses(run_dir: Path) -> list[str]:
     return [r["train-loss"] for r in csv.DictReader((run_dir / "rounds.csv").open())]
+
+
+def _evaluations(run_dir: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run_dir / "clients.csv").open()))
 
 
 def _rows(run_dir: Path) -> int:
@@ -104,6 +109,9 @@ def test_deploy_local_streams_rounds_and_changes_no_number(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert _losses(tmp_path / "out" / "dep") == _losses(tmp_path / "out" / "inline")
+    evaluated = _evaluations(tmp_path / "out" / "dep")
+    assert {r["round"] for r in evaluated} == {"2", "3"}
+    assert evaluated == _evaluations(tmp_path / "out" / "inline")
 
 
 @pytest.mark.slow

@@ -99,3 +99,25 @@ def test_folded_evaluation_gives_the_same_numbers_with_fewer_messages(tmp_path, 
     sep_down = [int(r["bytes-down"]) for r in _rows(sep / "rounds.csv")]
     fold_down = [int(r["bytes-down"]) for r in _rows(fold / "rounds.csv")]
     assert sum(fold_down) < sum(sep_down)
+
+
+@pytest.mark.slow
+def test_folded_evaluation_is_bit_identical_in_flowers_simulation_engine(tmp_path):
+    """The same comparison through ``flwr.simulation.run_simulation`` (Ray actors, protobuf)."""
+    from flwr.simulation import run_simulation
+
+    from floral_flwr.client import make_client_app
+    from floral_flwr.server import make_server_app
+
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+    runs = {}
+    for fold in (False, True):
+        name = f"fold-{fold}"
+        cfg = {**BASE, "fold-evaluation": fold, "output-dir": str(tmp_path), "run-name": name}
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        run_simulation(make_server_app(cfg), make_client_app(cfg), num_supernodes=6, backend_config=backend)
+        runs[fold] = tmp_path / name
+    assert _rows(runs[True] / "rounds.csv", TIMING) == _rows(runs[False] / "rounds.csv", TIMING)
+    evaluated = _rows(runs[True] / "clients.csv")
+    assert {r["round"] for r in evaluated} == {"1", "2", "3"}
+    assert evaluated == _rows(runs[False] / "clients.csv")
