@@ -30,7 +30,7 @@ from floral_flwr.inline import InlineGrid
 from floral_flwr.server import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUND_LINE = "aggregate_train:"  # the ServerApp logs it once per round
+ROUND_LINE = "[floral] round "  # the ServerApp's progress line, once per round
 
 
 def _config(out: Path, name: str, rounds: int) -> dict:
@@ -99,7 +99,7 @@ def test_deploy_local_streams_rounds_and_changes_no_number(tmp_path):
     assert not any("Start `flwr-clientapp` process" in e for e in execs)
     # ... and the ServerApp was a forked child of the SuperLink's warm executor, not a cold flwr-serverapp
     assert "[warm-executor" in (tmp_path / "w" / "logs" / "superlink.log").read_text()
-    assert "[floral] run directory" in text and "Start `flwr-serverapp` process" not in text
+    assert "run directory: " in text and "Start `flwr-serverapp` process" not in text
     # the same numbers as the same federation in-process (clients 0 and 1 of 4)
     inline_cfg = {**cfg, "run-name": "inline"}
     grid = InlineGrid(make_client_app(inline_cfg), 2, node_config=lambda k: {"num-partitions": 4})

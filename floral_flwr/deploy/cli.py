@@ -146,7 +146,7 @@ def run_summary(run_id: str, status: str, details: str, log_text: str, log: Path
     wrote its results, rounds done, the median warm round time and where the results are."""
     lines = [f"[deploy] run {run_id}: {status} {details if status != 'finished:completed' else ''}".rstrip()
              + f" (log {log})"]
-    m = re.search(r"\[floral\] run directory: (.+)", log_text)
+    m = re.search(r"\[floral\] (?:.* \| )?run directory: (.+)", log_text)  # the ServerApp's first line
     rounds_csv = Path(m.group(1).strip()) / "rounds.csv" if m else None
     if rounds_csv is not None and rounds_csv.is_file():
         rows = list(csv.DictReader(rounds_csv.open()))
