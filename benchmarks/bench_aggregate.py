@@ -78,9 +78,9 @@ def run_floral(template, replies, count, validate=True, cls=FloralAccumulator):
         if validate:
             checked = validate_train_reply(arrays, {"num-examples": n, "train-loss": 1.0,
                                                     "adaptor-weights": w}, template, C)
-            acc.add(checked.arrays, checked.num_examples, checked.adaptor_weights)
+            acc.add(checked.arrays, checked.num_examples, checked.adaptor_weights, small=checked.small)
         else:
-            acc.add(arrays, n, w)
+            acc.add(arrays, n, w, small=True)  # the accumulation alone (validation proves small)
     return acc.result()
 
 
@@ -191,6 +191,9 @@ def main() -> None:
                                   num_rounds=1, fraction_train=1.0, fraction_evaluate=1.0,
                                   min_available_nodes=1, node_wait_timeout=1)
         msgs = build_messages(template, replies)
+        # what discovery records: each node's client id and the server's cap on its weight
+        strategy.clients.client_ids = {100 + i: i for i in range(len(msgs))}
+        strategy.clients.client_sizes = {100 + i: 1e9 for i in range(len(msgs))}
 
     def strategy_round():
         strategy._template = template

@@ -58,9 +58,11 @@ LINKS = [(0.0, None), (0.025, 10e6), (0.05, 5e6), (0.1, 1e6)]  # one-way delay s
 
 def _cfg(out: Path, name: str, rounds: int, extra: str) -> str:
     every = "" if "eval-every=" in extra else f"eval-every={rounds} "  # a key may appear once
-    return (f"task='digits-label-shift' aggregation='mean' num-server-rounds={rounds} {every}"
+    # one message per client and round ('mean'; secagg sends 4) unless the caller chooses
+    aggregation = "" if "aggregation=" in extra else "aggregation='mean' "
+    return (f"task='digits-label-shift' num-server-rounds={rounds} {every}"
             f"batch-size=16 num-threads=1 output-dir='{out}' run-name='{name}' node-wait-timeout=600.0 "
-            f"reply-timeout=600.0 {extra}").strip()
+            f"reply-timeout=600.0 {aggregation}{extra}").strip()
 
 
 def _rounds(run_dir: Path) -> dict:

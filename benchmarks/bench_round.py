@@ -340,6 +340,9 @@ def main() -> None:
         "task": args.task, "num-server-rounds": args.rounds, "eval-every": 10**6,
         "fraction-train": 1.0, "fraction-evaluate": 0.25, "min-available-nodes": args.clients,
         "num-adaptors": 4, "rank": 0.1, "device": args.device, "output-dir": str(work),
+        # the model's cost, one train message per client: the plaintext mode (secure
+        # aggregation's cost: benchmarks/bench_secagg.py)
+        "aggregation": "mean",
     }
     if args.batch_size:
         base["batch-size"] = args.batch_size

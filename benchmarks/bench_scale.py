@@ -95,7 +95,7 @@ def main() -> None:
         cfg = {"task": args.task, "method": args.method, "num-server-rounds": args.rounds,
                "eval-every": 10**6, "fraction-train": args.fraction, "fraction-evaluate": args.fraction,
                "min-available-nodes": n, "output-dir": str(work), "run-name": f"n{n}",
-               "node-wait-timeout": 600.0}
+               "node-wait-timeout": 600.0, "aggregation": "mean"}  # one message per client and round
         base_mb, _ = tree_rss_mb(os.getpid())
         sampler = Sampler()
         sampler.start()

@@ -39,6 +39,7 @@ NUM_CLIENTS = 8
 BASE: dict[str, Any] = {
     "task": "digits-label-shift", "num-server-rounds": 6, "eval-every": 2, "batch-size": 16,
     "min-available-nodes": 1, "mixture-lr": 2.0,
+    "aggregation": "mean",  # the plaintext path (secagg's rounding noise is seeded but not bitwise 'mean')
 }
 # name -> run config on top of BASE; together they touch every part of the server round:
 # plain FLoRAL, a server optimizer with moments (FedAdam) and one with a momentum vector plus

@@ -30,18 +30,21 @@ from floral_flwr.config_values import (  # noqa: F401  (ConfigError, nearest, RA
     _as_choice,
     _as_float,
     _as_int,
+    _as_num_shares,
     _as_rank,
     _as_text,
+    _as_trim_fraction,
     _err,
     _hint,
     as_reply_poll,
+    is_valid_run_name,
     nearest,
 )
 
 # Names of the choices are kept here (not imported from the strategy/method modules) so that
 # validating a config never imports torch or flwr.
 METHODS = (
-    "floral", "floral-oracle", "fedavg", "local-adaptor",
+    "floral", "floral-oracle", "fedavg", "local-adaptor", "fedavg-lora",
     # the baselines (each a peer module of floral_flwr/methods; tests check this list against its registry)
     "fedavg-ft", "ensemble", "ensemble-oracle", "ifca", "fedem", "ditto", "feddpa",
 )
@@ -60,8 +63,14 @@ CONV_METHODS = ("balanced_2d", "balanced", "in", "out")
 ADAPTOR_INITS = ("zero", "official", "centered")
 DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("off", "bf16")
-AGGREGATIONS = ("mean", "sum-only")
+AGGREGATIONS = ("secagg", "mean", "sum-only")
+# robust aggregation (floral_flwr.strategy.robust); trimmed-mean/median need per-client values
+ROBUST_MODES = ("none", "clip", "trimmed-mean", "median")
+PER_CLIENT_ROBUST = ("trimmed-mean", "median")
 AUTO = "auto"
+# methods that run with a frozen base ("train-base" = false): the Floral-wrapped ones; with a
+# frozen base, "fedavg" averages what trains, i.e. it is "fedavg-lora" (one shared LoRA)
+FROZEN_BASE_METHODS = ("floral", "floral-oracle", "fedavg", "fedavg-lora", "local-adaptor", "feddpa")
 # Task names, kept here (like METHODS) so that a misspelled task is caught without importing
 # torch. ``floral_flwr.tasks.TASK_NAMES`` stays the authority: a name missing here is looked up
 # there by the full check, and a test keeps the two equal.
@@ -70,7 +79,8 @@ TASKS = (
     "synthetic-mlp", "synthetic-mlp-simple", "synthetic-mlp-bn",
     "digits-rotate", "digits-label-shift", "digits-rotate-reduced", "digits-label-shift-reduced",
     *(n for b in ("mnist-rotate", "mnist-label-shift", "fmnist-rotate", "fmnist-label-shift",
-                  "cifar10-rotate", "cifar10-label-shift", "cifar100", "cifar100-bn", "cifar100-gn")
+                  "cifar10-rotate", "cifar10-label-shift", "cifar100", "cifar100-bn", "cifar100-gn",
+                  "wordnet-label-shift", "wordnet-concept-shift")
       for n in (b, b + "-reduced")),
 )
 
@@ -119,18 +129,30 @@ DEFAULTS: dict[str, Any] = {
     "prob-floor": 0.0,
     "entropy-penalty": 0.0,
     "per-layer-mixture": False,
+    # false: the base model is frozen and never sent (a pretrained backbone); only the adaptors
+    # and the task's head train and travel ("auto": the task's preset, true except text tasks)
+    "train-base": AUTO,
     # server optimizer applied to the aggregate (fedavg = plain replacement)
     "server-optimizer": "fedavg",
     "server-lr": 1.0,
     "server-momentum": 0.9,
     "proximal-mu": 0.01,
-    # "mean": clients send their states, the server weights and averages; "sum-only": clients
-    # send n_k*base_k, w_k(c)*adaptor_c^k and the weights, the server only sums and divides once
-    "aggregation": "mean",
+    # what the server sees of each client (KEY_HELP, README and docs/privacy.md say it per value)
+    "aggregation": "secagg",
+    "secagg-clip": 8.0,
+    "secagg-num-shares": 0,
+    "secagg-threshold": 0.6,
+    "report-mixtures": False,  # evaluation replies with each client's p_k: reveals p_k
+    "report-mixtures-acknowledged": False,
     # baselines and clients that never train
     "holdout-clients": 0.0,
     "adapt-steps": 20,
     "ditto-lambda": 1.0,
+    # bounds on what one client can do to the aggregate (docs/security.md)
+    "robust": "none",
+    "clip-norm": 0.0,
+    "trim-fraction": 0.2,
+    "max-examples": 0.0,
     # data and outputs
     "data-dir": "",
     "output-dir": "~/floral-results",
@@ -157,7 +179,7 @@ KEY_HELP: dict[str, str] = {
     "node-wait-timeout": "seconds to wait for nodes before stopping with an error",
     "reply-timeout": "seconds to wait for the replies of one round",
     "reply-poll": "seconds between the server's pulls for replies (0 = Flower's 3 s send_and_receive)",
-    "fold-evaluation": "evaluate with the next round's train message (same numbers, one message per client)",
+    "fold-evaluation": "evaluate with the next round's train message (same numbers, one message per client); plaintext aggregation (mean, sum-only) only: under secagg evaluation stays a separate exchange",
     "local-epochs": "local epochs per round",
     "batch-size": "local batch size",
     "lr": "client SGD learning rate of the shared weights",
@@ -181,14 +203,24 @@ KEY_HELP: dict[str, str] = {
     "prob-floor": "clamp the mixture p from below",
     "entropy-penalty": "adds entropy-penalty * H(p) to the loss",
     "per-layer-mixture": "one mixture per adapted layer instead of one per client",
+    "train-base": "false: frozen base never sent, only adaptors + head train and travel",
     "server-optimizer": "server step on the aggregate",
     "server-lr": "server learning rate (FedAvgM, FedOpt)",
     "server-momentum": "FedAvgM momentum",
     "proximal-mu": "FedProx mu",
-    "aggregation": "mean, or sum-only (the form secure aggregation needs)",
+    "aggregation": "secagg (Flower's SecAgg+: the server sees only sums), mean (reveals n_k p_k) or sum-only (plaintext sums)",
+    "secagg-clip": "secagg: public bound on every masked value (|x| > clip drops that reply)",
+    "secagg-num-shares": "secagg: SecAgg+ neighbourhood size; 0 = min(N, 5), else odd >= 3",
+    "secagg-threshold": "secagg: fraction of a neighbourhood needed to unmask (0.5, 1]",
+    "report-mixtures": "evaluation replies carry each client's mixture p_k (clients.csv, heatmap)",
+    "report-mixtures-acknowledged": "deployment: the operator accepts that report-mixtures reveals p_k",
     "holdout-clients": "fraction of clients that never train (zero-shot vs adapted metrics)",
     "adapt-steps": "local steps to fit what is personal at evaluation",
     "ditto-lambda": "Ditto's proximal weight",
+    "robust": "none, clip (bound each update's norm), trimmed-mean or median (per coordinate)",
+    "clip-norm": "robust clip: the bound on each update's L2 norm; 0 = per round the median of the replies' norms",
+    "trim-fraction": "robust trimmed-mean: the weight trimmed from each end, in [0, 0.5)",
+    "max-examples": "the most examples one reply may weigh; 0 = no operator bound (the server's own bound always applies)",
     "data-dir": "directory with train/test parquet files for the image tasks",
     "output-dir": "where run directories go",
     "run-name": "run directory name ('' = <task>-<method>-seed<seed>-<timestamp>)",
@@ -237,14 +269,24 @@ class RunConfig:
     prob_floor: float
     entropy_penalty: float
     per_layer_mixture: bool
+    train_base: bool
     server_optimizer: str
     server_lr: float
     server_momentum: float
     proximal_mu: float
     aggregation: str
+    secagg_clip: float
+    secagg_num_shares: int
+    secagg_threshold: float
+    report_mixtures: bool
+    report_mixtures_acknowledged: bool
     holdout_clients: float
     adapt_steps: int
     ditto_lambda: float
+    robust: str
+    clip_norm: float
+    trim_fraction: float
+    max_examples: float
     data_dir: str
     output_dir: str
     run_name: str
@@ -256,7 +298,8 @@ class RunConfig:
     @property
     def is_floral(self) -> bool:
         """True when the model carries FLoRAL adaptors (and a private mixture)."""
-        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa")
+        return self.method in ("floral", "floral-oracle", "local-adaptor", "feddpa", "fedavg-lora") or (
+            self.method == "fedavg" and not self.train_base)
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict of the resolved values (what config.json records)."""
@@ -277,6 +320,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adaptor-init": ADAPTOR_INITS,
     "server-optimizer": SERVER_OPTIMIZERS,
     "aggregation": AGGREGATIONS,
+    "robust": ROBUST_MODES,
 }
 
 
@@ -321,18 +365,29 @@ READERS: dict[str, Callable[[str, Any], Any]] = {
     "prob-floor": lambda k, v: _as_float(k, v, 0.0, 1.0),
     "entropy-penalty": _as_float,
     "per-layer-mixture": _as_bool,
+    "train-base": _as_bool,
     "server-optimizer": _choice("server-optimizer"),
     "server-lr": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
     "server-momentum": lambda k, v: _as_float(k, v, 0.0, 1.0),
     "proximal-mu": lambda k, v: _as_float(k, v, 0.0),
     "aggregation": _choice("aggregation"),
+    "secagg-clip": lambda k, v: _as_float(k, v, 1.0),
+    "secagg-num-shares": _as_num_shares,
+    "secagg-threshold": lambda k, v: _as_float(k, v, 0.5, 1.0, lo_open=True),
+    "report-mixtures": _as_bool,
+    "report-mixtures-acknowledged": _as_bool,
     "holdout-clients": lambda k, v: _as_float(k, v, 0.0, 0.9),
     "adapt-steps": lambda k, v: _as_int(k, v, 0),
     "ditto-lambda": lambda k, v: _as_float(k, v, 0.0),
+    "robust": _choice("robust"),
+    "clip-norm": lambda k, v: _as_float(k, v, 0.0),
+    "trim-fraction": _as_trim_fraction,
+    "max-examples": lambda k, v: _as_float(k, v, 0.0),
     "data-dir": _as_text("a directory path or ''", lambda v: True),
     "output-dir": _as_text("a non-empty directory path", lambda v: bool(v.strip())),
     "run-name": _as_text(
-        "a name without path separators ('' = automatic)", lambda v: not any(c in v for c in "/\\\0")
+        "a name of at most 200 printable characters without path separators, not '.' or '..' "
+        "and not starting with '.' ('' = automatic)", is_valid_run_name
     ),
     "resume": _as_bool,
     "persist-client-state": _as_bool,
@@ -414,6 +469,7 @@ _FALLBACK_PRESETS = {
     "num-adaptors": 4,
     "rank": 0.1,
     "adapt-norm": False,
+    "train-base": True,
 }
 
 
@@ -453,11 +509,29 @@ def parse_run_config(run_config: Mapping[str, Any] | None) -> RunConfig:
             f"run config 'method' = {cfg.method!r} cannot be combined with 'server-optimizer' = "
             f"{cfg.server_optimizer!r}: {why}"
         )
+    if cfg.robust in PER_CLIENT_ROBUST and cfg.aggregation != "mean":
+        raise ConfigError(
+            f"run config 'robust' = {cfg.robust!r} cannot be combined with 'aggregation' = "
+            f"{cfg.aggregation!r}: a trimmed mean or median needs each client's values, and that "
+            f"mode gives the server only sums; use robust 'clip' or 'none', or aggregation 'mean'"
+        )
+    if cfg.robust == "clip" and cfg.aggregation == "secagg":
+        raise ConfigError(
+            "run config 'robust' = 'clip' cannot be combined with 'aggregation' = 'secagg': the server "
+            "sees only the masked sum, so it cannot clip one client's update; under secagg every masked "
+            "value is bounded by 'secagg-clip' instead (docs/security.md); use robust 'none' with secagg, "
+            "or aggregation 'mean' / 'sum-only' with robust 'clip'"
+        )
     if cfg.prob_floor * cfg.num_adaptors > 1.0:
         raise _err(
             "prob-floor",
             cfg.prob_floor,
             f"a number with prob-floor * num-adaptors <= 1 (num-adaptors = {cfg.num_adaptors})",
+        )
+    if not cfg.train_base and cfg.method not in FROZEN_BASE_METHODS:
+        raise ConfigError(
+            f"run config 'train-base' = false cannot be combined with 'method' = {cfg.method!r}: "
+            f"a frozen base is supported by {', '.join(repr(m) for m in FROZEN_BASE_METHODS)}"
         )
     return cfg
 

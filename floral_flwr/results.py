@@ -5,12 +5,14 @@
 - ``config.json``   resolved run config and provenance: package versions, host (CPUs, torch
                     threads, CUDA devices), source revision (git, else a hash of the app's files)
 - ``rounds.csv``    one row per round
-- ``clients.csv``   one row per (evaluation round, client)
+- ``clients.csv``   one row per (evaluation round, client); the mixture columns ``p0..`` only
+                    with run config ``report-mixtures`` (else no client's mixture is known here)
 - ``summary.json``  final metrics, wall time, parameter report, communication per round
 - ``checkpoint/``   ``state.npz`` (global arrays), ``optimizer.npz`` (server optimizer),
                     ``meta.json`` (round, rng, wall time); written atomically every round
 - ``plots/``        ``metric.png`` (personalized metric per round), ``loss.png``,
-                    ``mixtures.png`` (clients x adaptors heatmap sorted by true cluster)
+                    ``mixtures.png`` (clients x adaptors heatmap sorted by true cluster; only
+                    with ``report-mixtures``)
 - ``events.out.tfevents.*`` TensorBoard scalars per round (metric, worst 10 %, ARI, train loss,
                     bytes), only when ``tensorboard`` is installed (``pip install tensorboard``)
 
@@ -34,6 +36,7 @@ import numpy as np
 
 from floral_flwr.fileio import atomic_write_bytes, load_npz, save_npz
 from floral_flwr.provenance import git_revision_of_source, versions
+from floral_flwr.rundir import Checkpoints
 
 RESULT_FILE_MODE = 0o644  # config.json, summary.json: readable like any result file
 
@@ -106,29 +109,19 @@ class RunRecorder:
     # ------------------------------------------------------------------ checkpoint
 
     def has_checkpoint(self) -> bool:
-        return (self.ckpt_dir / "meta.json").exists()
+        return Checkpoints(self.ckpt_dir, self.label).exists()
 
     def save_checkpoint(self, server_round: int, arrays: dict[str, np.ndarray],
                         optimizer: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
-        # state and optimizer first, meta last: meta.json names a round only once both exist
-        save_npz(self.ckpt_dir / f"state-{server_round:06d}.npz", arrays)
-        save_npz(self.ckpt_dir / f"optimizer-{server_round:06d}.npz", optimizer)
-        meta = {"round": server_round, "elapsed-s": self.elapsed(), **extra}
-        atomic_write_bytes(self.ckpt_dir / "meta.json", json.dumps(meta, indent=2).encode())
-        for p in self.ckpt_dir.glob("*-*.npz"):
-            if not p.name.endswith(f"-{server_round:06d}.npz"):
-                p.unlink(missing_ok=True)
+        # the last two rounds are kept; a non-finite state is refused (floral_flwr.rundir)
+        Checkpoints(self.ckpt_dir, self.label).save(server_round, arrays, optimizer, {"elapsed-s": self.elapsed(), **extra})
 
     def latest_state(self) -> dict[str, np.ndarray]:
-        """The global arrays of the newest checkpoint (no side effects)."""
-        meta = json.loads((self.ckpt_dir / "meta.json").read_text())
-        return load_npz(self.ckpt_dir / f"state-{int(meta['round']):06d}.npz")
+        """The global arrays of the newest readable checkpoint (no side effects)."""
+        return Checkpoints(self.ckpt_dir, self.label).latest_state()
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
-        meta = json.loads((self.ckpt_dir / "meta.json").read_text())
-        rnd = int(meta["round"])
-        arrays = load_npz(self.ckpt_dir / f"state-{rnd:06d}.npz")
-        optimizer = load_npz(self.ckpt_dir / f"optimizer-{rnd:06d}.npz")
+        rnd, arrays, optimizer, meta = Checkpoints(self.ckpt_dir, self.label).load()
         self.elapsed_before = float(meta.get("elapsed-s", 0.0))
         return rnd, arrays, optimizer, meta
 
@@ -187,7 +180,9 @@ class RunRecorder:
         }
         self._append("rounds.csv", ROUND_FIELDS, [row])
         if stats.eval_rows:
-            mix_cols = [f"p{c}" for c in range(num_adaptors)]
+            # p columns only when clients reported their mixtures (run config report-mixtures)
+            reported = any(r.get("mixture") for r in stats.eval_rows)
+            mix_cols = [f"p{c}" for c in range(num_adaptors)] if reported else []
             fields = ["round", "client-id", "true-cluster", m, "loss", "num-examples", *mix_cols]
             rows = []
             for r in stats.eval_rows:

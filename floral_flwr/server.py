@@ -2,13 +2,15 @@
 
 Everything that can be wrong with the configuration (bad keys or values, an unknown task, a
 method that needs clusters the task lacks, a simulated federation with fewer SuperNodes than
-the task has clusters, an unwritable output directory, ``resume=true`` with no checkpoint) is
-detected here, before round 1 and before the run directory is created, and reported as one
-:class:`ConfigError` line. In simulation (``flwr run``) the ServerApp then prints that line and
-returns instead of raising, so that it is the last thing a ``flwr run --stream`` user reads
-(Flower would print a traceback and an exit-code banner after it); ``launch`` recognises the
-line (:data:`STOPPED`) and exits non-zero. In deployment the error is raised as before, so the
-run's status is ``failed``.
+the task has clusters, an unwritable output directory, ``resume=true`` with no checkpoint, secure
+aggregation on an untested Flower or with too few clients, per-client mixtures requested in a
+deployment without the acknowledgement) is detected here, before round 1 and (all but the
+client count of secure aggregation, known in round 1) before the run directory is created, and
+reported as one :class:`ConfigError` line. In simulation (``flwr run``) the ServerApp then
+prints that line and returns instead of raising, so that it is the last thing a
+``flwr run --stream`` user reads (Flower would print a traceback and an exit-code banner after
+it); ``launch`` recognises the line (:data:`STOPPED`) and exits non-zero. In deployment the
+error is raised as before, so the run's status is ``failed``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,14 +29,25 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from floral_flwr.config import METHODS, ConfigError, RunConfig, parse_run_config, resolve_output_dir
+from floral_flwr.federation import (  # noqa: F401 - is_simulation, check_simulated_federation: re-exported
+    check_mixture_reporting,
+    check_secure_sample,
+    check_simulated_federation,
+    is_simulation,
+)
 from floral_flwr.methods import build_handle, check_method_task
-from floral_flwr.preflight import min_clients, too_few_clients
 from floral_flwr.provenance import provenance, provenance_line
 from floral_flwr.results import RunRecorder
+from floral_flwr.rundir import (Checkpoints, CheckpointWriteError, NonFiniteState, RunFailed, claim_run_dir,
+                               finished_summary)
+from floral_flwr.strategy.bounds import ExampleCaps
 from floral_flwr.strategy.exchange import exchange
 from floral_flwr.strategy.floral_strategy import FloralStrategy
+from floral_flwr.strategy.masked_sum import check_flower_version
 from floral_flwr.strategy.nodes import ClientSetupError
 from floral_flwr.strategy.optimizers import build_strategy
+from floral_flwr.strategy.secagg import SecAggSettings
+from floral_flwr.strategy.secure_rounds import SecureOptions
 from floral_flwr.wire import to_array
 
 logger = logging.getLogger("floral_flwr")
@@ -48,40 +62,6 @@ class _DropRoundChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno == logging.INFO and isinstance(record.msg, str)
                     and record.msg.startswith(_ROUND_CHATTER))
-
-
-def is_simulation(grid: Grid) -> bool:
-    """True for the grid of Flower's simulation engine (``flwr run`` on a simulation SuperLink)."""
-    try:
-        from flwr.superlink.grid import InMemoryGrid
-    except ImportError:  # pragma: no cover - other flwr layouts
-        return type(grid).__name__ == "InMemoryGrid"
-    return isinstance(grid, InMemoryGrid)
-
-
-def _settled_node_count(grid: Grid, timeout: float) -> int:
-    """The number of simulated nodes once registration has settled. The simulation engine
-    registers all its nodes in one go, just after it starts the ServerApp's thread."""
-    deadline = time.monotonic() + timeout
-    last = -1
-    while True:
-        n = len(list(grid.get_node_ids()))
-        if (n > 0 and n == last) or time.monotonic() > deadline:
-            return n
-        last = n
-        time.sleep(0.25)
-
-
-def check_simulated_federation(grid: Grid, cfg: RunConfig, task_clusters: int | None) -> None:
-    """In simulation every SuperNode is one client: stop before round 1 when there are fewer
-    than the task's clusters (Flower's default federation has 2 SuperNodes)."""
-    if not is_simulation(grid):
-        return  # deployment: nodes come and go; each node's num-partitions sizes its task
-    need = min_clients(task_clusters)
-    have = _settled_node_count(grid, min(cfg.node_wait_timeout, 30.0))
-    if have < need:
-        raise ConfigError(too_few_clients(
-            cfg.task, need, f"this federation has {have} simulated SuperNode{'s' * (have != 1)}"))
 
 
 def _after_engine_start(timeout: float = 15.0, no_ray_after: float = 3.0) -> None:
@@ -113,7 +93,7 @@ def _run_dir(cfg: RunConfig) -> Path:
     if cfg.resume:
         # no run-name: resume the newest run of this task/method/seed that has a checkpoint
         candidates = sorted(
-            (p for p in root.glob(prefix + "-*") if (p / "checkpoint" / "meta.json").exists()),
+            (p for p in root.glob(prefix + "-*") if Checkpoints(p / "checkpoint").exists()),
             key=lambda p: p.stat().st_mtime,
         )
         if not candidates:
@@ -135,26 +115,48 @@ def prepare_run(cfg: RunConfig, grid: Grid | None = None) -> tuple[Any, Any, Run
         check_method_task(cfg, task.num_clusters)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if cfg.aggregation == "secagg":
+        check_flower_version()
     if grid is not None:
         check_simulated_federation(grid, cfg, task.num_clusters)
+        check_secure_sample(grid, cfg)
     handle = build_handle(cfg, task.build_model)
     run_dir = _run_dir(cfg)
-    if cfg.resume and not (run_dir / "checkpoint" / "meta.json").exists():
+    if cfg.resume and not Checkpoints(run_dir / "checkpoint").exists():
         raise ConfigError(
             f"run config 'resume' = true but '{run_dir}' has no checkpoint: run without resume "
             f"first, or point 'run-name' at an interrupted run"
         )
-    recorder = RunRecorder(run_dir, task.metric, cfg.num_server_rounds, label=cfg.method,
-                           eval_every=cfg.eval_every)
     prov = provenance(cfg.device, _fab_hash(grid) if grid is not None else None)
+    claimed = None
     try:
-        recorder.prepare(cfg.to_dict(), resume=cfg.resume, provenance=prov)
+        # refuses an existing run without resume, locks it, stores/checks the resolved config
+        claimed = claim_run_dir(run_dir, cfg.to_dict(), cfg.resume, auto_named=not cfg.run_name,
+                                label=cfg.method)
+        run_dir = claimed.path
+        recorder = RunRecorder(run_dir, task.metric, cfg.num_server_rounds, label=cfg.method,
+                               eval_every=cfg.eval_every)
+        recorder.run_lock = claimed  # released when run_server returns
+        # resume of a finished run: nothing is written, its summary is kept
+        recorder.finished = finished_summary(run_dir, cfg.num_server_rounds) if cfg.resume else None
+        if recorder.finished is None:
+            recorder.prepare(cfg.to_dict(), resume=cfg.resume, provenance=prov)
     except OSError as exc:
+        if claimed is not None:
+            claimed.release()
         raise ConfigError(
             f"run config 'output-dir' = {cfg.output_dir!r}: cannot write the run directory "
             f"'{run_dir}' ({exc.strerror or exc}); choose a writable directory"
         ) from exc
     return task, handle, recorder
+
+
+def example_caps(cfg: RunConfig) -> ExampleCaps:
+    """The server's bounds on reply weights: ``max-examples`` and, for tasks the server can split
+    itself, every client's partition size (docs/security.md)."""
+    from floral_flwr.tasks import partition_sizes
+
+    return ExampleCaps(cfg.max_examples, lambda n: partition_sizes(cfg.task, n, cfg.seed))
 
 
 def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
@@ -182,19 +184,39 @@ def load_state_for_export(recorder: RunRecorder) -> ArrayRecord:
     return ArrayRecord({k: to_array(v) for k, v in recorder.latest_state().items()})
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Run the whole federation; returns the summary that is also written to summary.json."""
+def run_server(grid: Grid, run_config: Mapping[str, Any],
+               round_hook: Callable[[int, FloralStrategy], None] | None = None) -> dict[str, Any]:
+    """Run the whole federation; returns the summary that is also written to summary.json.
+    ``round_hook(round, strategy)`` runs after each round's checkpoint (benchmarks read
+    ``strategy.stats`` there)."""
     chatter = _DropRoundChatter()
     logging.getLogger("flwr").addFilter(chatter)
     try:
-        return _run_server(grid, run_config)
+        return _run_server(grid, run_config, round_hook)
     finally:
         logging.getLogger("flwr").removeFilter(chatter)
 
 
-def _run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+def _run_server(grid: Grid, run_config: Mapping[str, Any],
+                round_hook: Callable[[int, FloralStrategy], None] | None) -> dict[str, Any]:
     cfg = parse_run_config(run_config)
+    check_mixture_reporting(cfg, grid)
     task, handle, recorder = prepare_run(cfg, grid)
+    try:
+        if recorder.finished is not None:
+            recorder.say(f"{recorder.run_dir} already finished its {cfg.num_server_rounds} rounds: "
+                         f"nothing to do (summary.json kept)")
+            return recorder.finished
+        return _run_prepared(grid, cfg, task, handle, recorder, round_hook)
+    except (RunFailed, NonFiniteState, CheckpointWriteError) as exc:
+        log(logging.ERROR, "[%s] run stopped: %s", cfg.method, exc)
+        raise
+    finally:
+        recorder.run_lock.release()
+
+
+def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: RunRecorder,
+                  round_hook: Callable[[int, FloralStrategy], None] | None) -> dict[str, Any]:
     run_dir = recorder.run_dir
     recorder.say(provenance_line(recorder.provenance))
     recorder.say(f"{cfg.task} | {cfg.method} | seed {cfg.seed} | {cfg.num_server_rounds} rounds | "
@@ -220,11 +242,16 @@ def _run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     )
     strategy.sum_only = cfg.aggregation == "sum-only"
     strategy.reply_poll = cfg.reply_poll
-    strategy.fold_evaluation = cfg.fold_evaluation
+    strategy.fold_evaluation = cfg.fold_evaluation  # plaintext aggregation only (FloralStrategy.folds_evaluation)
+    strategy.set_robustness(cfg.robust, cfg.clip_norm, cfg.trim_fraction, caps=example_caps(cfg))
+    if cfg.aggregation == "secagg":
+        strategy.secure = SecureOptions(SecAggSettings.from_config(cfg), num_clusters=int(task.num_clusters or 0),
+                                        has_mixture=handle.mixture() is not None)
     start_round = 1
     arrays = initial
     if cfg.resume:
-        done, arrays, opt_state, _ = recorder.load_checkpoint()
+        done, arrays, opt_state, meta = recorder.load_checkpoint()
+        recorder.final = dict(meta.get("final") or {})
         if set(arrays) != set(initial) or any(arrays[k].shape != initial[k].shape for k in initial):
             raise ConfigError(
                 f"run config 'resume' = true but the checkpoint in '{run_dir}' does not match this "
@@ -243,16 +270,24 @@ def _run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         recorder.parameter_report = {"base": n, "adaptors": 0, "mixture": 0,
                                      "bytes_up": 4 * n, "bytes_down": 4 * n}
 
-    train_config = ConfigRecord({})
+    train_config = ConfigRecord({"run-key": run_dir.name})  # namespaces a node's state-dir by run
     if cfg.persist_client_state:
         train_config["client-state-dir"] = str(run_dir / "client-state")
     eval_config = ConfigRecord(dict(train_config))
     rounds_log: list[dict[str, Any]] = []
 
     def on_round_end(rnd: int, new_arrays: ArrayRecord, strat: FloralStrategy) -> None:
-        rounds_log.append(recorder.record_round(strat.stats, num_adaptors))
+        try:  # rows first: a round whose checkpoint is missing is redone and its rows replaced
+            rounds_log.append(recorder.record_round(strat.stats, num_adaptors))
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"could not write the results of round {rnd} in '{run_dir}' ({exc.strerror or exc}); the "
+                f"checkpoint of round {rnd - 1} is intact: free space and resume with resume=true") from exc
         state = {k: a.numpy() for k, a in new_arrays.items()}
-        recorder.save_checkpoint(rnd, state, strat.optimizer_state(), {"seed": cfg.seed})
+        # the latest evaluation summary rides along: a resume after the last round keeps it
+        recorder.save_checkpoint(rnd, state, strat.optimizer_state(), {"seed": cfg.seed, "final": recorder.final})
+        if round_hook is not None:
+            round_hook(rnd, strat)
 
     if start_round > cfg.num_server_rounds:
         recorder.say(f"nothing to do: checkpoint is at round {start_round - 1}")

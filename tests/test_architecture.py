@@ -160,9 +160,10 @@ def test_local_loops_import_no_method() -> None:
 
 def test_client_package_is_only_flower_glue() -> None:
     """No local training loop or method lives in ``client/``: it holds message handlers, the
-    ClientApp factory, the private-state store and fault injection."""
+    ClientApp factory, the per-process setup, the private-state store, the secure-aggregation
+    glue around Flower's mod and fault injection."""
     names = {f.stem for f in (PACKAGE / "client").glob("*.py")}
-    assert names == {"__init__", "app", "handlers", "state_store", "faults"}, names
+    assert names == {"__init__", "app", "handlers", "setup", "state_store", "secure", "faults"}, names
 
 
 SHARED = {"__init__", "base", "training", "multimodel"}

@@ -23,8 +23,17 @@ def _run(tmp_path, name, num_clients=4, **kw):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_each_method_runs_end_to_end(tmp_path, method):
+def test_each_method_runs_end_to_end_under_secure_aggregation(tmp_path, method):
+    """The default (secagg): every method's update and weights fit the masked payload."""
     summary, grid = _run(tmp_path, method, method=method)
+    assert summary["failures"] == 0 and summary["rejected"] == 0
+    assert math.isfinite(summary["final"]["mse-mean"]) and summary["final"]["num-clients"] == 4
+    assert not [r for r in grid.replies_seen if "arrays" in r.content.array_records]  # nothing in plaintext
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_runs_end_to_end_in_plaintext(tmp_path, method):
+    summary, grid = _run(tmp_path, method, method=method, aggregation="mean")
     assert summary["failures"] == 0 and summary["rejected"] == 0
     assert math.isfinite(summary["final"]["mse-mean"]) and summary["final"]["num-clients"] == 4
     train = [r for r in grid.replies_seen if "arrays" in r.content.array_records]
@@ -36,7 +45,7 @@ def test_each_method_runs_end_to_end(tmp_path, method):
 
 
 def test_holdout_clients_never_train_and_report_zero_shot_vs_adapted(tmp_path):
-    summary, grid = _run(tmp_path, "holdout", num_clients=8, method="floral",
+    summary, grid = _run(tmp_path, "holdout", num_clients=8, method="floral", aggregation="mean",
                          **{"holdout-clients": 0.25, "adapt-steps": 5})
     trained = {int(r.content["metrics"]["client-id"]) for r in grid.replies_seen
                if "arrays" in r.content.array_records}

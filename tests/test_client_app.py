@@ -14,7 +14,9 @@ from floral_flwr.inline import InlineGrid  # sets Flower's task identity for mes
 from floral_flwr.methods import build_handle
 from floral_flwr.tasks import get_task
 
-RUN = {"task": "digits-label-shift", "num-adaptors": 4, "batch-size": 16, "persist-client-state": False}
+# the plaintext wire ('mean' replies, reported mixtures); the secure one: tests/test_secagg.py
+RUN = {"task": "digits-label-shift", "num-adaptors": 4, "batch-size": 16, "persist-client-state": False,
+       "aggregation": "mean", "report-mixtures": True}
 NUM_CLIENTS = 8
 
 
@@ -81,7 +83,7 @@ def test_state_dir_survives_a_restart_and_corrupt_files_start_fresh(tmp_path, ca
     ctx = _context(**{"state-dir": str(tmp_path)})
     app(_message("train", 1, arrays), ctx)
     saved = ctx.state.array_records["floral.private"]["mixture.logits"].numpy()
-    files = list((tmp_path / "client-1").glob("round-*.npz"))
+    files = list((tmp_path / "floral-flwr" / "default" / "client-1").glob("round-*.npz"))
     assert len(files) == 1
     # restart: empty context.state, same state dir -> evaluation uses the learned mixture
     restarted = _context(**{"state-dir": str(tmp_path)})
@@ -126,6 +128,17 @@ def test_evaluate_reports_personalized_metrics_and_true_cluster():
     assert m["client-id"] == 5 and m["true-cluster"] == 5 % 4
     assert 0.0 <= m["accuracy"] <= 1.0 and m["num-examples"] > 0
     np.testing.assert_allclose(m["mixture"], [0.25] * 4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "secagg"])
+def test_evaluate_sends_no_mixture_unless_reported(aggregation):
+    run = {**RUN, "aggregation": aggregation, "report-mixtures": False}
+    ctx = _context(pid=5)
+    m = make_client_app(run)(_message("evaluate", 1, _initial_arrays()), ctx).content["metrics"]
+    assert "mixture" not in m and m["client-id"] == 5
+    # 'mean' reveals n_k p_k anyway, so its ARI uses the plaintext argmax; secagg keeps it local
+    assert ("assigned-adaptor" in m) == (aggregation == "mean")
+    assert ctx.state.config_records["floral.eval"]["round"] == 1  # for the secure tally
 
 
 def test_oracle_mixture_is_one_hot_at_the_true_cluster_and_stays_fixed():

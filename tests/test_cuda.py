@@ -235,7 +235,7 @@ def test_state_round_trip_between_device_and_cpu(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_private_state_saved_from_device_loads_on_cpu(device, tmp_path):
     """``StateDir.save`` of device tensors writes a file that a CPU client loads exactly."""
-    from floral_flwr.client.state_store import StateDir
+    from floral_flwr.client.state_store import StateDir, node_state_root
 
     torch.manual_seed(0)
     fm = Floral(_cnn(), num_adaptors=C, rank=2, alpha=ALPHA)
@@ -346,7 +346,7 @@ def test_client_app_trains_and_evaluates_on_device(device, tmp_path):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
         assert acc == pytest.approx(cpu_summary["final"]["accuracy-mean"], abs=0.02)
     # every client's private state (saved from device tensors) is on disk and loads on the CPU
-    from floral_flwr.client.state_store import StateDir
+    from floral_flwr.client.state_store import StateDir, node_state_root
     from floral_flwr.config import parse_run_config
     from floral_flwr.methods import build_handle
     from floral_flwr.tasks import task_info
@@ -354,7 +354,7 @@ def test_client_app_trains_and_evaluates_on_device(device, tmp_path):
     cfg = parse_run_config(_inline_cfg(tmp_path, "x", "cpu"))
     cpu_handle = build_handle(cfg, task_info(cfg.task, seed=cfg.seed).build_model)
     for k in range(4):
-        saved = StateDir(state / f"client-{k}", cpu_handle.kind()).load()
+        saved = StateDir(node_state_root(state, "dev", k), cpu_handle.kind()).load()  # run dir "dev"
         assert saved is not None and saved.round == 2
         cpu_handle.load_private_state_dict(saved.tensors)
         got = cpu_handle.private_state_dict()["mixture.logits"]

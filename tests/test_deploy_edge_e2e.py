@@ -34,8 +34,9 @@ ROUND_LINE = "[floral] round "  # the ServerApp's progress line, once per round
 
 
 def _config(out: Path, name: str, rounds: int) -> dict:
-    # num-threads=1 in both runs: a float32 sum over 1 or 2 threads differs in the last bits
-    return {"task": "digits-label-shift", "num-server-rounds": rounds, "eval-every": 2, "batch-size": 16,
+    # num-threads=1 in both runs: a float32 sum over 1 or 2 threads differs in the last bits;
+    # plaintext 'mean': one train message per client, and the evaluation folds into it
+    return {"task": "digits-label-shift", "aggregation": "mean", "num-server-rounds": rounds, "eval-every": 2, "batch-size": 16,
             "num-threads": 1,
             "fraction-train": 0.5, "fraction-evaluate": 0.5, "min-available-nodes": 2,
             "node-wait-timeout": 300.0, "reply-timeout": 300.0, "output-dir": str(out), "run-name": name}

@@ -44,7 +44,7 @@ def can_make_namespaces():
 
 def _cfg(out: Path, name: str, **kw) -> str:
     cfg = {"task": "'digits-label-shift'", "batch-size": 16, "output-dir": f"'{out}'", "run-name": f"'{name}'",
-           "node-wait-timeout": 300.0, **kw}
+           "node-wait-timeout": 300.0, "aggregation": "'mean'", **kw}  # plaintext: the exchange's own replies
     return " ".join(f"{k}={v}" for k, v in cfg.items())
 
 

@@ -26,7 +26,8 @@ from floral_flwr.strategy.eval_fold import EVAL_RECORD
 TIMING = {"elapsed-s", "round-s", "bytes-down"}  # not results; bytes-down shrinks when folded
 
 # rounds 1 and 2 are evaluated with the train messages of rounds 2 and 3, round 3 at once
-BASE = {"task": "digits-label-shift", "num-server-rounds": 3, "eval-every": 1, "fraction-train": 0.5,
+# (plaintext 'mean': under secagg the train messages are SecAgg+ stages and nothing folds, see below)
+BASE = {"task": "digits-label-shift", "aggregation": "mean", "num-server-rounds": 3, "eval-every": 1, "fraction-train": 0.5,
         "fraction-evaluate": 0.75, "min-available-nodes": 4, "local-epochs": 1}
 
 
@@ -99,6 +100,28 @@ def test_folded_evaluation_gives_the_same_numbers_with_fewer_messages(tmp_path, 
     sep_down = [int(r["bytes-down"]) for r in _rows(sep / "rounds.csv")]
     fold_down = [int(r["bytes-down"]) for r in _rows(fold / "rounds.csv")]
     assert sum(fold_down) < sum(sep_down)
+
+
+def test_under_secagg_evaluation_stays_a_separate_exchange(tmp_path):
+    """Under secagg the train messages are SecAgg+ stage messages: nothing can ride in them, so
+    fold-evaluation (on by default) must leave every evaluation round to its own evaluate
+    exchange: the same evaluations and evaluate messages as fold-evaluation = false."""
+    num_clients = 6
+    secure = {"method": "floral", "aggregation": "secagg"}
+    sep, sep_grid = _run(tmp_path, "separate", {**secure, "fold-evaluation": False}, num_clients)
+    fold, fold_grid = _run(tmp_path, "folded", {**secure, "fold-evaluation": True}, num_clients)
+
+    evaluated = _rows(fold / "clients.csv")
+    assert {r["round"] for r in evaluated} == {"1", "2", "3"}  # no evaluation lost to a fold
+    assert evaluated == _rows(sep / "clients.csv")
+    assert _rows(fold / "rounds.csv", TIMING) == _rows(sep / "rounds.csv", TIMING)
+
+    def evaluate_replies(grid: InlineGrid) -> list:
+        return [m for m in grid.replies_seen if m.metadata.message_type == MessageType.EVALUATE]
+
+    assert len(evaluate_replies(fold_grid)) == len(evaluate_replies(sep_grid)) >= 3 * 4
+    assert not [m for m in fold_grid.replies_seen if m.has_content() and EVAL_RECORD in m.content.metric_records]
+    assert all("mixture" not in m.content["metrics"] for m in evaluate_replies(fold_grid))
 
 
 @pytest.mark.slow

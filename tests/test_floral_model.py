@@ -436,19 +436,21 @@ def test_torch_compile_inductor():
 
 
 class TinyLM(nn.Module):
-    """Tied embedding/decoder and an attention block whose out_proj weight is read directly."""
+    """Tied embedding/decoder, an attention block whose out_proj weight is read directly and a
+    projection called with a keyword argument."""
 
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(10, 8)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = nn.Linear(8, 8)
         self.dec = nn.Linear(8, 10, bias=False)
         self.dec.weight = self.emb.weight
 
     def forward(self, idx):
         h = self.emb(idx)
         h, _ = self.attn(h, h, h, need_weights=False)
-        return self.dec(input=h)  # keyword call: the Linear pre-hook must fall back to folding
+        return self.dec(self.proj(input=h))  # keyword call of an adapted Linear
 
 
 def test_tied_weights_attention_and_keyword_calls():
@@ -461,9 +463,13 @@ def test_tied_weights_attention_and_keyword_calls():
     # centred adaptor biases: unchanged at the uniform mixture up to the rounding of their mean
     torch.testing.assert_close(fm(idx), expected, atol=1e-6, rtol=0)
     rep = fm.parameter_report()
-    assert [n for n, _, _ in rep.layers] == ["attn.out_proj", "dec"]
+    # the tied decoder is not adapted (that would untie it): listed with its partner
+    assert [n for n, _, _ in rep.layers] == ["attn.out_proj", "proj"]
     assert ("attn", "MultiheadAttention") in rep.skipped and ("emb", "Embedding") in rep.skipped
-    assert [k for k in fm.shared_state_dict() if k.startswith("base.")] == ["base." + k for k in keys]
+    assert ("dec", "Linear (tied to emb)") in rep.skipped
+    # one tensor, one key on the wire: the tied duplicate 'dec.weight' is not sent twice
+    assert [k for k in fm.shared_state_dict() if k.startswith("base.")] == [
+        "base." + k for k in keys if k != "dec.weight"]
     assert rep.base == sum(p.numel() for p in TinyLM().parameters())  # tied weight counted once
     randomize(fm, scale=0.5)
     fm.eval()
@@ -476,7 +482,10 @@ def test_tied_weights_attention_and_keyword_calls():
     y_no_attn = fm(idx)
     randomize(fm, scale=0.5)
     assert not torch.allclose(fm(idx), y_no_attn)
-    torch.testing.assert_close(fm.merge()(idx), fm(idx), atol=1e-5, rtol=1e-5)
+    merged = fm.merge()
+    torch.testing.assert_close(merged(idx), fm(idx), atol=1e-5, rtol=1e-5)
+    assert merged.dec.weight is merged.emb.weight  # still tied
+    assert sum(p.numel() for p in merged.parameters()) == rep.base
 
 
 def test_state_dicts_follow_tensors_replaced_by_to():

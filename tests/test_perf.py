@@ -98,25 +98,17 @@ WIRE_CASES = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(7, dtype=n
 
 @pytest.mark.parametrize("values", WIRE_CASES, ids=lambda a: f"{a.dtype}{a.shape}")
 def test_wire_codec_matches_flowers_own(values):
-    """to_array writes np.save's exact bytes (cache miss and hit); from_array decodes Flower's
-    bytes (any layout) to the same dtype, shape and values as Array.numpy()."""
+    """to_array writes np.save's exact bytes for the C-ordered array (cache miss and hit), 0-d
+    arrays included; from_array decodes Flower's bytes (any layout) to the same dtype, shape and
+    values as Array.numpy()."""
     for _ in range(2):  # first call fills the header caches, the second uses them
-        ours, theirs = to_array(values), Array(np.ascontiguousarray(values))
+        ours, theirs = to_array(values), Array(np.asarray(values, order="C"))
         assert (ours.data, ours.dtype, ours.shape, ours.stype) == (theirs.data, theirs.dtype, theirs.shape, theirs.stype)
+        assert from_array(ours).shape == values.shape  # a 0-d counter stays 0-d
         for arr in (ours, Array(values)):
             got, ref = from_array(arr), arr.numpy()
             assert got.dtype == ref.dtype and got.shape == ref.shape
             np.testing.assert_array_equal(got, ref)
-
-
-def test_wire_decoder_defers_to_flower_on_bad_payloads():
-    good = to_array(np.ones((3, 4), np.float32))
-    truncated = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
-    with pytest.raises(ValueError):
-        from_array(truncated)  # Flower's np.load error, not a short view
-    not_npy = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=b"garbage" * 10)
-    with pytest.raises(Exception):
-        from_array(not_npy)
 
 
 def test_performance_keys_are_validated():
@@ -141,7 +133,8 @@ def test_client_setup_is_built_once_and_reused_across_rounds_and_clients():
     from floral_flwr.methods import build_handle
     from floral_flwr.tasks import get_task
 
-    run = {"task": "digits-label-shift", "num-adaptors": 4, "batch-size": 32, "persist-client-state": False}
+    run = {"task": "digits-label-shift", "num-adaptors": 4, "batch-size": 32, "persist-client-state": False,
+           "aggregation": "mean"}
     cfg = parse_run_config(run)
     handle = build_handle(cfg, get_task(cfg.task, num_clients=6, seed=0).build_model)
     arrays = ArrayRecord({k: Array(v.detach().numpy()) for k, v in handle.shared_state_dict().items()})

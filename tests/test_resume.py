@@ -32,24 +32,37 @@ def _final_state(tmp_path, name):
     return meta["round"], load_npz(tmp_path / name / "checkpoint" / f"state-{meta['round']:06d}.npz")
 
 
-def test_resume_after_a_crash_mid_round_equals_uninterrupted_run(tmp_path):
-    run_inline(_base(tmp_path, **{"run-name": "full"}), NUM_CLIENTS)
+def _trained(reply) -> bool:
+    """A reply sent after local training: a plaintext train reply, or the masked vector of a
+    secure one (SecAgg+'s 'collect masked vectors' stage; not the evaluation tally's)."""
+    if reply.metadata.message_type != "train" or reply.has_error():
+        return False
+    records = reply.content.config_records
+    stage = records.get("secaggplus_configs")
+    return stage is None or ("masked_params" in stage and "train-loss" in records.get("fitres.metrics", {}))
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "secagg"])
+def test_resume_after_a_crash_mid_round_equals_uninterrupted_run(tmp_path, aggregation):
+    run_inline(_base(tmp_path, aggregation=aggregation, **{"run-name": "full"}), NUM_CLIENTS)
 
     # Crash in round 3 after two clients have already trained (and saved their round-3 state).
     trained = {"n": 0}
 
     def crash_in_round_3(node, reply):
-        if reply.metadata.message_type == "train":
+        if _trained(reply):
             trained["n"] += 1
             if trained["n"] == 4 + 4 + 2:  # 4 sampled clients per round
                 raise Crash()
         return reply
 
     with pytest.raises(Crash):
-        run_inline(_base(tmp_path, **{"run-name": "cut"}), NUM_CLIENTS, reply_hook=crash_in_round_3)
+        run_inline(_base(tmp_path, aggregation=aggregation, **{"run-name": "cut"}), NUM_CLIENTS,
+                   reply_hook=crash_in_round_3)
     rnd, _ = _final_state(tmp_path, "cut")
     assert rnd == 2  # the last completed round
-    summary, _ = run_inline(_base(tmp_path, **{"run-name": "cut", "resume": True}), NUM_CLIENTS)
+    summary, _ = run_inline(_base(tmp_path, aggregation=aggregation, **{"run-name": "cut", "resume": True}),
+                            NUM_CLIENTS)
 
     r_full, full = _final_state(tmp_path, "full")
     r_cut, cut = _final_state(tmp_path, "cut")

@@ -26,7 +26,8 @@ NUM_CLIENTS = 5
 def _cfg(tmp_path, name, **kw):
     return {
         "task": "digits-label-shift", "num-server-rounds": 3, "eval-every": 3, "batch-size": 16,
-        "output-dir": str(tmp_path), "run-name": name, "min-available-nodes": 1, "mixture-lr": 2.0, **kw,
+        "output-dir": str(tmp_path), "run-name": name, "min-available-nodes": 1, "mixture-lr": 2.0,
+        "aggregation": "mean", **kw,  # the plaintext modes (secagg: tests/test_secagg.py)
     }
 
 

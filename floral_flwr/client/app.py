@@ -1,4 +1,5 @@
-"""The ClientApp: routes Flower messages to :mod:`floral_flwr.client.handlers`."""
+"""The ClientApp: routes Flower messages to :mod:`floral_flwr.client.handlers`; train messages
+of a secure exchange go through Flower's SecAgg+ mod first (:mod:`floral_flwr.client.secure`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from floral_flwr.client import handlers
+from floral_flwr.client.secure import make_secure_mod
 from floral_flwr.wire import packed_arrays_mod
 
 
@@ -22,7 +24,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         # Flower forbids changing context.run_config, so the merged config is passed along
         return {**dict(context.run_config), **extra}
 
-    @app.train()
+    @app.train(mods=[make_secure_mod(_cfg)])
     def train(msg: Message, context: Context) -> Message:
         return handlers.handle_train(msg, context, _cfg(context))
 

@@ -8,6 +8,11 @@ real node. A comma list cycles by round: round r uses kind ``kinds[(r - 1) % len
 Kinds: ``nan``, ``inf`` (a non-finite value), ``shape`` (a wrong shape), ``dtype`` (float64),
 ``examples`` (absurd num-examples), ``weights`` (adaptor weights > num-examples),
 ``extra-key`` (an array the global state lacks), ``private-key`` (a ``mixture.logits`` array).
+
+Under ``aggregation='secagg'`` single replies are masked, so these kinds do not apply; the hidden
+node-config key ``secagg-drop-at`` = a SecAgg+ stage (``setup``, ``share_keys``,
+``collect_masked_vectors``, ``unmask``) makes the node fail at that stage of every secure exchange
+instead (a dropout, handled in :mod:`floral_flwr.client.secure`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
 """What the ClientApp does for each message: train, evaluate, query.
 
-The heavy objects (task data, the model) are built once per process and cached by config, so a
-simulation's Ray actor or a SuperNode's ClientApp process re-uses them across rounds; every call
-then overwrites the model's whole state (shared from the message, private from the store), so the
-cache never leaks one client's state into another's.
-
-Private state (the mixture, local adaptors) is restored from ``context.state`` and, when a
-state directory is configured, from disk (see :mod:`floral_flwr.client.state_store`). It never
-goes into a reply.
+The heavy objects (task data, the model) are built once per process and cached by config
+(:mod:`floral_flwr.client.setup`). Private state (the mixture, local adaptors) is restored from
+``context.state`` and, when a state directory is configured, from disk (see
+:mod:`floral_flwr.client.state_store`). It never goes into a reply: a plaintext train reply
+('mean', 'sum-only') carries the shared state and the weights n_k p_k; under 'secagg' the train
+work runs through :mod:`floral_flwr.client.secure` and only a masked vector leaves; evaluation
+replies carry metrics, and the mixture p_k only with run config ``report-mixtures``.
 """
 
 from __future__ import annotations
@@ -22,105 +21,30 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from floral_flwr.client.state_store import StateDir
+from floral_flwr.client.setup import (  # noqa: F401 - SETUP_STATS, _SETUPS, engine_cpus: re-exported
+    _SETUPS,
+    SETUP_STATS,
+    ClientSetup,
+    apply_performance_options,
+    client_identity,
+    engine_cpus,
+    get_setup,
+)
+from floral_flwr.client.state_store import DEFAULT_RUN_KEY, StateDir, accept_suggested_dir, node_state_root
 from floral_flwr.fileio import save_npz
 from floral_flwr.strategy.aggregate import scale_for_sum
 from floral_flwr.strategy.eval_fold import EVAL_RECORD, EVAL_ROUND_KEY
 from floral_flwr.methods.training import evaluate_local, seed_for, seed_torch
-from floral_flwr.config import RunConfig, parse_run_config
+from floral_flwr.config import RunConfig
 from floral_flwr.holdout import holdout_clients
-from floral_flwr.methods import METHOD_SPECS, ModelHandle, build_handle, check_method_task
-from floral_flwr.tasks import get_task
+from floral_flwr.methods import METHOD_SPECS, ModelHandle
 from floral_flwr.wire import from_array, to_array
 
 logger = logging.getLogger("floral_flwr")
 
 STATE_KEY = "floral.private"
 STATE_META_KEY = "floral.private.meta"
-
-
-@dataclass
-class ClientSetup:
-    cfg: RunConfig
-    task: Any
-    handle: ModelHandle
-    device: torch.device
-
-
-_SETUPS: dict[tuple, ClientSetup] = {}
-SETUP_STATS = {"builds": 0, "hits": 0}  # per process: how often get_setup built vs re-used
-
-
-def _device(cfg: RunConfig) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("run config 'device' = 'cuda' but CUDA is not available on this node")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def client_identity(context: Context) -> tuple[int, int]:
-    """(client id, number of clients) of this node, from its node config."""
-    nc = context.node_config
-    if "partition-id" in nc and "num-partitions" in nc:
-        return int(nc["partition-id"]), int(nc["num-partitions"])
-    raise ValueError(
-        "node config lacks 'partition-id'/'num-partitions': start the SuperNode with "
-        "--node-config \"partition-id=K num-partitions=N\""
-    )
-
-
-def get_setup(context: Context, run_config: Mapping[str, Any] | None = None) -> ClientSetup:
-    """The (cached) task, model handle and device for this run config and node."""
-    cfg = parse_run_config(context.run_config if run_config is None else run_config)
-    _, num_clients = client_identity(context)
-    data_dir = str(context.node_config.get("data-dir", "") or cfg.data_dir) or None
-    data_path = str(context.node_config.get("data-path", "")) or None
-    key = (tuple(sorted(cfg.to_dict().items())), num_clients, data_dir, data_path)
-    setup = _SETUPS.get(key)
-    if setup is None:
-        task = get_task(cfg.task, num_clients=num_clients, seed=cfg.seed, data_dir=data_dir, data_path=data_path)
-        check_method_task(cfg, task.num_clusters)
-        device = _device(cfg)
-        handle = build_handle(cfg, task.build_model)
-        handle.bind_task(task)
-        handle.module.to(device)
-        handle._initial_private = handle.private_state_dict()
-        apply_performance_options(cfg, handle, device)
-        setup = ClientSetup(cfg, task, handle, device)
-        _SETUPS.clear()  # one config per process at a time: bounded memory
-        _SETUPS[key] = setup
-        SETUP_STATS["builds"] += 1
-    else:
-        SETUP_STATS["hits"] += 1
-    return setup
-
-
-def engine_cpus() -> int | None:
-    """CPUs the engine reserved for this ClientApp process: Ray's assignment in simulation,
-    else ``OMP_NUM_THREADS`` when set; None when nothing says (then torch's default stays)."""
-    ray = sys.modules.get("ray")  # imported in simulation actors; never imported just for this
-    try:
-        if ray is not None and ray.is_initialized():
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-            if cpus:
-                return max(1, int(round(cpus)))
-    except Exception:  # pragma: no cover - no ray, or not in a Ray worker
-        pass
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else None
-
-
-def apply_performance_options(cfg: RunConfig, handle: ModelHandle, device: torch.device) -> None:
-    """Run-config performance keys, applied once per process when the setup is built:
-    ``num-threads`` (torch intra-op threads), ``mixed-precision`` (bf16 autocast on CUDA) and
-    ``compile`` (``torch.compile`` of the training forward). The training loop reads
-    ``handle.autocast_dtype`` and ``handle.train_forward``."""
-    threads = cfg.num_threads or engine_cpus()
-    if threads and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    handle.autocast_dtype = torch.bfloat16 if (cfg.mixed_precision == "bf16" and device.type == "cuda") else None
-    handle.train_forward = torch.compile(handle.module) if cfg.compile else None
+EVAL_KEY = "floral.eval"  # the last evaluation's assigned adaptor (never sent in plaintext under secagg)
 
 
 # ----------------------------------------------------------------------------- private state
@@ -129,15 +53,28 @@ def apply_performance_options(cfg: RunConfig, handle: ModelHandle, device: torch
 def _state_dir(context: Context, cfg: RunConfig, client_id: int, config: ConfigRecord) -> str | None:
     """Where this client's private state lives on disk, or None (memory only).
 
-    The node's own ``state-dir`` (deployment) wins; otherwise, with ``persist-client-state``,
-    the directory the server suggests for simulation (inside the run's output folder).
+    The node's own ``state-dir`` (deployment) wins, namespaced by app and run
+    (``<state-dir>/floral-flwr/<run>/client-<id>``); otherwise, with ``persist-client-state``,
+    the directory the server suggests for simulation, only if it is a run directory on this
+    machine (see :func:`floral_flwr.client.state_store.accept_suggested_dir`).
     """
     root = context.node_config.get("state-dir")
     if root:
-        return os.path.join(str(root), f"client-{client_id}")
-    if cfg.persist_client_state and config.get("client-state-dir"):
-        return os.path.join(str(config["client-state-dir"]), f"client-{client_id}")
+        return str(node_state_root(str(root), str(config.get("run-key", DEFAULT_RUN_KEY)), client_id))
+    suggested = config.get("client-state-dir")
+    if cfg.persist_client_state and suggested:
+        accepted = accept_suggested_dir(str(suggested))
+        if accepted is not None:
+            return os.path.join(str(accepted), f"client-{client_id}")
+        if str(suggested) not in _IGNORED_DIRS:
+            _IGNORED_DIRS.add(str(suggested))
+            logger.warning("ignoring the server's client-state-dir %r: not a run directory on this node; "
+                           "private state is kept in memory (set the node config 'state-dir' to keep it "
+                           "across restarts)", str(suggested))
     return None
+
+
+_IGNORED_DIRS: set[str] = set()
 
 
 def open_store(context: Context, setup: ClientSetup, client_id: int, config: ConfigRecord) -> StateDir | None:
@@ -207,7 +144,11 @@ def _record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def _load_shared(setup: ClientSetup, msg: Message) -> None:
-    state = {k: t.to(setup.device) for k, t in _record_tensors(msg.content["arrays"]).items()}
+    _load_shared_record(setup, msg.content["arrays"])
+
+
+def _load_shared_record(setup: ClientSetup, record: ArrayRecord) -> None:
+    state = {k: t.to(setup.device) for k, t in _record_tensors(record).items()}
     setup.handle.load_shared_state_dict(state)
 
 
@@ -247,18 +188,31 @@ def _augment_for(task: Any, cid: int) -> Any:
     return lambda x, gen: fn(x, gen, cluster=cluster)
 
 
-def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
-    setup = get_setup(context, run_config)
+@dataclass
+class LocalRound:
+    """What one local training round produced (before it is packed into a reply)."""
+
+    setup: ClientSetup
+    client_id: int
+    server_round: int
+    num_examples: int
+    loss: float
+    metrics: dict[str, Any]  # num-examples, train-loss, client-id, the method's extra metrics
+    adaptor_weights: list[float] | None  # w_k(c), None without adaptors
+    arrays: ArrayRecord  # the trained shared state
+
+
+def train_once(context: Context, config: ConfigRecord, shared: ArrayRecord,
+               run_config: Mapping[str, Any] | None = None, setup: ClientSetup | None = None) -> LocalRound:
+    """Load the global state and this client's private state, train one round, save the private
+    state. Used by the plaintext reply (:func:`handle_train`) and the secure one
+    (:mod:`floral_flwr.client.secure`). ``setup``: the caller's, when it already looked it up."""
+    setup = setup or get_setup(context, run_config)
     cfg = setup.cfg
     cid, _ = client_identity(context)
-    config = msg.content["config"]
     rnd = int(config["server-round"])
-    # the previous round's evaluation, folded into this message (floral_flwr.strategy.eval_fold):
-    # done first, from the same shared and private state; training below reloads both
-    evaluated = (evaluate_personalized(setup, context, msg, int(config[EVAL_ROUND_KEY]))
-                 if EVAL_ROUND_KEY in config else None)
     store = open_store(context, setup, cid, config)
-    _load_shared(setup, msg)
+    _load_shared_record(setup, shared)
     restore_private(setup, context, store, rnd)
     data = setup.task.client_data(cid)
     seed_torch(seed_for(cfg.seed, rnd, cid))  # mixture noise, dropout
@@ -284,12 +238,36 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
         "client-id": cid,
         **setup.handle.train_metrics(),
     }
-    if setup.handle.num_adaptors:
-        metrics["adaptor-weights"] = _mixture_weights(setup.handle, result.num_examples)
-    arrays = _shared_record(setup.handle)
+    weights = _mixture_weights(setup.handle, result.num_examples) if setup.handle.num_adaptors else None
+    return LocalRound(setup, cid, rnd, result.num_examples, result.loss, metrics, weights,
+                      _shared_record(setup.handle))
+
+
+def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
+    """A plaintext train reply ('mean' / 'sum-only'): the trained shared state and, with
+    adaptors, the weights w_k(c) = n_k p_k(c) in the metrics."""
+    setup = get_setup(context, run_config)
+    cfg = setup.cfg
+    if cfg.aggregation == "secagg":
+        # the client, not only the server, holds the line: no plaintext update under secagg
+        raise PermissionError(
+            "run config 'aggregation' = 'secagg': this client sends its update only through "
+            "secure aggregation, but got a plaintext train request (allowed for plaintext replies: "
+            "aggregation 'mean' or 'sum-only')"
+        )
+    config = msg.content["config"]
+    # the previous round's evaluation, folded into this message (floral_flwr.strategy.eval_fold):
+    # done first, from the same shared and private state; training below reloads both
+    evaluated = (evaluate_personalized(setup, context, msg, int(config[EVAL_ROUND_KEY]))
+                 if EVAL_ROUND_KEY in config else None)
+    local = train_once(context, config, msg.content["arrays"], run_config, setup)
+    metrics = local.metrics
+    if local.adaptor_weights is not None:
+        metrics["adaptor-weights"] = local.adaptor_weights
+    arrays = local.arrays
     if cfg.aggregation == "sum-only":  # send n_k*base_k and w_k(c)*adaptor_c^k: the server only sums
-        scaled = scale_for_sum({k: from_array(a) for k, a in arrays.items()}, result.num_examples,
-                               metrics.get("adaptor-weights"))
+        scaled = scale_for_sum({k: from_array(a) for k, a in arrays.items()}, local.num_examples,
+                               local.adaptor_weights)
         arrays = ArrayRecord({k: to_array(v) for k, v in scaled.items()})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     if evaluated is not None:
@@ -298,7 +276,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
     if fault:  # TEST ONLY: deliberate bad replies for the fault tests (floral_flwr/client/faults.py)
         from floral_flwr.client.faults import inject_fault
 
-        content = inject_fault(str(fault), content, rnd)
+        content = inject_fault(str(fault), content, local.server_round)
     return Message(content, reply_to=msg)
 
 
@@ -350,8 +328,15 @@ def evaluate_personalized(setup: ClientSetup, context: Context, msg: Message, rn
     }
     metrics.update(extra)
     mix = setup.handle.mixture()
-    if mix:
-        metrics["mixture"] = mix
+    if mix and setup.handle.num_adaptors:
+        assigned = int(np.argmax(np.asarray(mix).reshape(-1, setup.handle.num_adaptors).mean(0)))
+        # kept for the secure contingency table of this round (floral_flwr.client.secure)
+        context.state[EVAL_KEY] = ConfigRecord({"round": rnd, "assigned": assigned,
+                                                "true-cluster": metrics["true-cluster"]})
+        if cfg.report_mixtures:  # opt-in (refused in deployment without the acknowledgement)
+            metrics["mixture"] = mix
+        elif cfg.aggregation != "secagg":  # 'mean' reveals n_k p_k anyway: the argmax in plaintext
+            metrics["assigned-adaptor"] = assigned
     return metrics
 
 
@@ -391,6 +376,7 @@ def handle_query(msg: Message, context: Context, run_config: Mapping[str, Any] |
     cluster = setup.task.cluster_of(cid)
     metrics = {
         "client-id": cid,
+        "num-partitions": client_identity(context)[1],
         "num-train-examples": data.num_train,
         "true-cluster": -1 if cluster is None else int(cluster),
         "holdout": int(is_holdout(context, setup.cfg, setup.task)),

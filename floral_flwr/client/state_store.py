@@ -16,6 +16,12 @@ restarts and new runs:
   newest version saved before t. A run killed mid-round and resumed therefore restarts each
   client from exactly the state the uninterrupted run would have used. The two newest versions
   are kept.
+- Namespaced by app and run (:func:`node_state_root`): a node's ``state-dir`` holds
+  ``floral-flwr/<run>/client-<id>/``, ``<run>`` being the server's run directory name (the same
+  when a run is resumed, different for every new run), so two runs, or another Flower app on
+  the same node, never read each other's mixtures. The server cannot choose where a node writes:
+  a path it suggests (``client-state-dir``, for simulation) is used only when it lies in a run
+  directory the server created on this machine (:func:`accept_suggested_dir`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ logger = logging.getLogger("floral_flwr")
 
 _FILE_RE = re.compile(r"^round-(\d{6})\.npz$")
 KEEP_VERSIONS = 2
+APP_NAMESPACE = "floral-flwr"  # first level under a node's state-dir: this app's files only
+DEFAULT_RUN_KEY = "default"  # messages of a server that names no run
+RUN_MARKER = ".floral-run"  # written by the server in every run directory (floral_flwr.rundir)
 
 
 @dataclass
@@ -131,6 +140,36 @@ class StateDir:
             logger.warning("private state %s fails its checksum/shape check: ignoring it, starting fresh", path)
             return None
         return PrivateState({k: torch.from_numpy(a) for k, a in arrays.items()}, int(header["round"]))
+
+
+def node_state_root(state_dir: str | os.PathLike, run_key: str, client_id: int) -> Path:
+    """``<state-dir>/floral-flwr/<run>/client-<id>``; ``run_key`` must be a plain name (the
+    server sends it: a ``..`` or a separator is refused, the node's tree cannot be left)."""
+    from floral_flwr.config import is_valid_run_name
+
+    if not run_key or not is_valid_run_name(run_key):
+        raise ValueError(f"the server sent run-key {run_key!r}: not a plain directory name; refusing it")
+    return Path(state_dir) / APP_NAMESPACE / run_key / f"client-{int(client_id)}"
+
+
+def accept_suggested_dir(path: str) -> Path | None:
+    """The server's suggested ``client-state-dir`` when it is ``<run dir>/client-state`` of a run
+    directory on this machine (it carries the server's marker naming it), else None.
+
+    In simulation the server and the clients share the machine, and the run directory exists
+    before the first message. A node elsewhere has no such directory, so a server cannot make it
+    write anywhere else."""
+    p = Path(path)
+    if not p.is_absolute() or ".." in p.parts or p.name != "client-state":
+        return None
+    run_dir = p.parent
+    try:
+        marker = json.loads((run_dir / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("run") != run_dir.name:
+        return None
+    return p
 
 
 def check_writable(root: str | os.PathLike) -> None:

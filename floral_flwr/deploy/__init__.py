@@ -12,6 +12,8 @@ in ``deploy/README.md``). The package, by responsibility:
 - ``deployment``    ``Deployment``: a throw-away loopback deployment for tests and benchmarks
 - ``proxy``         ``ByteCountingProxy``: counts the bytes between SuperNodes and the SuperLink,
                     and can shape that link (delay, bandwidth)
+- ``gateway``       ``FleetGateway``: the only part of a SuperLink facing the network (Fleet API
+                    calls only; the Control API stays on 127.0.0.1)
 - ``warm_executor`` the fork-server executor (torch and the app imported once, one forked child
                     per message) for SuperNodes and the SuperLink in ``--isolation process``
 - ``node_waits``    ``flower-supernode`` with its fixed 3 s / 0.5 s waits shortened while a round is on

@@ -11,9 +11,12 @@ Commands
 ``certs``      throw-away CA + server certificate (SANs: 127.0.0.1, localhost, --host) + one EC
                key pair per SuperNode, for trying TLS and SuperNode authentication locally.
 ``superlink``  start ``flower-superlink`` (TLS when ``--certs`` is given, else insecure:
-               loopback only) and return once it is healthy.
+               loopback only) and return once it is healthy. On a non-loopback ``--host`` the
+               SuperLink itself listens on 127.0.0.1 and a Fleet gateway on ``--host``
+               forwards only the Fleet API: the Control API (register keys, submit runs) is
+               reachable from the SuperLink host only.
 ``supernode``  start one ``flower-supernode`` with ``partition-id``/``num-partitions`` or a
-               ``data-path``, plus a ``state-dir``; the settings are checked first.
+               ``data-path``, plus a ``state-dir`` (required); the settings are checked first.
 ``register``   ``flwr supernode register`` a SuperNode public key (SuperNode authentication).
 ``run``        ``flwr run <app> <connection>``, then wait for the **run status** (exit 0 only
                for ``finished:completed``) and save the run's log.
@@ -24,6 +27,9 @@ Security notes
 --------------
 - Insecure mode (no TLS) is refused for non-loopback addresses unless
   ``--allow-insecure-remote`` is given, and even then a warning is printed.
+- Off loopback only the Fleet API is reachable (a gateway in front of a 127.0.0.1 SuperLink):
+  SuperNode keys are registered and runs submitted on the SuperLink host only.
+- Every SuperNode needs its own ``state-dir``; the server cannot choose where a node writes.
 - Nothing received over the network is unpickled anywhere in this app: Flower carries arrays as
   raw bytes + dtype/shape, client state files are ``.npz`` loaded with ``allow_pickle=False``.
 """
@@ -82,8 +88,10 @@ def _cmd_superlink(a: argparse.Namespace) -> int:
     proc = start_superlink(a.work, a.host, a.port, certs, a.auth, a.database, a.allow_insecure_remote,
                            task_poll=a.task_poll, executor=a.executor)
     cli = write_connection(a.work, proc.info["address"], certs.ca if certs else None)
-    print(f"SuperLink pid {proc.pid} (process group) on {a.host}:{proc.info['address'].rsplit(':', 1)[1]}; "
-          f"log {proc.log}; flwr CLI home {cli}")
+    where = (f"Control API on {proc.info['address']} (this host only), Fleet gateway on "
+             f"{a.host}:{proc.info['fleet-address'].rsplit(':', 1)[1]}" if proc.info.get("fleet-gateway")
+             else f"on {a.host}:{proc.info['address'].rsplit(':', 1)[1]}")
+    print(f"SuperLink pid {proc.pid} (process group) {where}; log {proc.log}; flwr CLI home {cli}")
     return 0
 
 
@@ -239,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--partition-id", type=int, default=None)
     c.add_argument("--num-partitions", type=int, default=None)
     c.add_argument("--data-path", default=None, help="this node's own data (instead of a partition)")
-    c.add_argument("--state-dir", default=None, help="private client state that survives restarts and runs")
+    c.add_argument("--state-dir", default=None,
+                   help="required: this node's private state (its mixture), kept across restarts, namespaced by run")
     c.add_argument("--node-config", default="", help="more node config, e.g. 'data-dir=\"/data\"'")
     c.add_argument("--port", type=int, default=None, help="the SuperNode's local runtime port (default: free)")
     c.add_argument("--root-certificates", default=None, help="CA certificate (TLS); without it: insecure")

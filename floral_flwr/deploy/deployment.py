@@ -49,8 +49,11 @@ class Deployment:
     # how SuperNodes run ClientApps (default: the warm executor and short waits; see NodeRuntime)
     runtime: NodeRuntime = field(default_factory=NodeRuntime)
     # SuperNodes in their own network namespaces, reaching the SuperLink over veth pairs (the
-    # SuperLink then listens on all addresses: pass certs with the LabNet's link addresses)
+    # SuperLink then listens on all addresses, behind the Fleet gateway: pass certs with the
+    # LabNet's link addresses)
     labnet: LabNet | None = None
+    # SuperNodes reach the SuperLink through a Fleet-API-only gateway (on by default off loopback)
+    fleet_gateway: bool | None = None
     superlink: Proc | None = None
     nodes: dict[int, Proc] = field(default_factory=dict)
     byte_counter: "ByteCountingProxy | None" = None
@@ -59,6 +62,8 @@ class Deployment:
     def __post_init__(self) -> None:
         self.work = Path(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
+        if self.state_root is None:  # every SuperNode needs a state-dir of its own
+            self.state_root = self.work / "state"
 
     @property
     def address(self) -> str:
@@ -67,17 +72,19 @@ class Deployment:
 
     @property
     def fleet_address(self) -> str:
+        """Where SuperNodes connect: the byte counter, else the Fleet gateway, else the SuperLink."""
         if self.byte_counter is not None:
             return f"127.0.0.1:{self.byte_counter.port}"
-        return self.address
+        assert self.superlink is not None
+        return str(self.superlink.info.get("fleet-address", self.address))
 
     def start_link(self) -> Proc:
         db = str(self.work / "superlink" / "state.db") if self.database else None
         host = "0.0.0.0" if self.labnet is not None else "127.0.0.1"
         self.superlink = start_superlink(self.work, host=host, port=self.link_port, certs=self.certs, auth=self.auth,
                                          database=db, tie_to_parent=True, task_poll=self.runtime.task_poll,
-                                         executor=self.runtime.executor)
-        self.link_port = int(self.address.rsplit(":", 1)[1])
+                                         executor=self.runtime.executor, fleet_gateway=self.fleet_gateway)
+        self.link_port = int(self.fleet_address.rsplit(":", 1)[1])
         self.cli_home = write_connection(self.work, self.address, self.certs.ca if self.certs else None)
         if self.proxy and self.byte_counter is None:
             self.byte_counter = ByteCountingProxy("127.0.0.1", self.link_port, self.proxy_delay_s,
@@ -122,7 +129,7 @@ class Deployment:
         """Block until every warm executor (SuperNodes', SuperLink's) has imported torch and polls
         for tasks (so the run does not wait for them); False (and a warning) after ``timeout`` s."""
         procs = [*self.nodes.values(), *([self.superlink] if self.superlink else [])]
-        execs = [c for p in procs for c in p.companions]
+        execs = [c for p in procs for c in p.companions if c.name.endswith("-exec")]  # not the gateway
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(c.log.exists() and READY_LINE in c.log.read_text(errors="replace") for c in execs):

@@ -1,7 +1,12 @@
+# size: every deployment process (SuperLink, its gateway and warm executor, SuperNodes and their executors) is started and stopped by one set of rules here.
 """Processes: start ``flower-superlink`` / ``flower-supernode`` (each in its own process group,
 PID file ``<work>/pids/<name>.pid``, log ``<work>/logs/<name>.log``), wait until the SuperLink is
 healthy, find the descendants Flower starts in their own sessions, and stop exactly those
-processes (``stop_proc``, ``kill_proc``, ``stop_all``), never anything found by name."""
+processes (``stop_proc``, ``kill_proc``, ``stop_all``), never anything found by name.
+
+A SuperLink on a non-loopback address is started on 127.0.0.1 behind a Fleet gateway
+(:mod:`floral_flwr.deploy.gateway`) on the public address: only the Fleet API is reachable from
+the network; the Control API (register keys, submit runs) stays on the SuperLink host."""
 
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from floral_flwr.deploy.certificates import Certs, _ssl_context
-from floral_flwr.deploy.settings import (DeployError, NodeRuntime, _env, check_insecure, check_node_config,
-                                         format_node_config, split_address)
 from floral_flwr.deploy.flwr_pins import TASK_POLL_ENV
+from floral_flwr.deploy.settings import (DeployError, NodeRuntime, _env, check_insecure, check_node_config,
+                                         format_node_config, is_loopback, split_address)
 from floral_flwr.deploy.warm_executor import SERVER_PRELOAD
 from floral_flwr.launch import _bin, free_port
 
@@ -39,7 +44,8 @@ class Proc:
     pidfile: Path
     log: Path
     info: dict[str, Any] = field(default_factory=dict)
-    # processes that belong to this one and are stopped with it (a SuperNode's warm executor)
+    # processes that belong to this one and are stopped with it (a SuperNode's warm executor,
+    # a SuperLink's warm executor and Fleet gateway)
     companions: list["Proc"] = field(default_factory=list)
 
     def alive(self) -> bool:
@@ -57,7 +63,8 @@ def _pid_is_ours(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return any(name in cmd for name in ("flower-superlink", "flower-supernode", WARM_EXECUTOR.name, NODE_WAITS.name))
+    return any(name in cmd for name in ("flower-superlink", "flower-supernode", "floral_flwr.deploy.gateway",
+                                         WARM_EXECUTOR.name, NODE_WAITS.name))
 
 
 # Execs the real command after asking the kernel to SIGTERM it when its parent dies
@@ -232,7 +239,8 @@ def wait_healthy(host: str, port: int, timeout: float, proc: Proc | None = None,
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():
             tail = proc.log.read_text(errors="replace")[-1500:] if proc.log.exists() else ""
-            raise DeployError(f"SuperLink exited (code {proc.returncode()}) before becoming healthy:\n{tail}")
+            what = "SuperLink" if proc.name == "superlink" else proc.name
+            raise DeployError(f"{what} exited (code {proc.returncode()}) before becoming healthy:\n{tail}")
         try:
             with urllib.request.urlopen(f"{scheme}://{host}:{port}/health", timeout=2, context=ctx) as r:
                 if r.status == 200:
@@ -255,21 +263,31 @@ def start_superlink(
     tie_to_parent: bool = False,
     task_poll: float | None = None,
     executor: str = "flower",
+    fleet_gateway: bool | None = None,
 ) -> Proc:
     """Start ``flower-superlink`` (own FLWR_HOME under ``work``) and wait until it is healthy.
 
     ``task_poll`` sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperExec it starts (how
     soon the ServerApp starts after ``flwr run``; Flower's default 1 s). ``executor="warm"``:
     ``--isolation process`` and the warm executor as a companion (the ServerApp of each run is
-    a forked child; ``warm_executor.py``)."""
+    a forked child; ``warm_executor.py``).
+
+    ``fleet_gateway`` (default: when ``host`` is not loopback): the SuperLink listens on
+    127.0.0.1 only and a Fleet gateway on ``host:port`` forwards only the Fleet API
+    (``info["fleet-address"]`` is where SuperNodes connect, ``info["address"]`` the loopback
+    address of the Control API for the ``flwr`` CLI on this host)."""
     work = Path(work)
     port = port or free_port()
+    gateway = not is_loopback(host) if fleet_gateway is None else fleet_gateway  # 0.0.0.0 too
+    public_host, public_port = host, port
+    if gateway:
+        host, port = "127.0.0.1", free_port()
     cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if certs is None:
         if auth:
             raise DeployError("--auth (SuperNode authentication) needs TLS: pass --certs DIR")
-        check_insecure(host, allow_insecure_remote, "SuperLink")
+        check_insecure(public_host, allow_insecure_remote, "SuperLink")
         cmd.append("--insecure")
     else:
         certs.check()
@@ -288,15 +306,40 @@ def start_superlink(
     if task_poll is not None:
         env[TASK_POLL_ENV] = str(task_poll)
     proc = _spawn(work, "superlink", cmd, env,
-                  {"address": f"{dial}:{port}", "tls": certs is not None, "auth": auth}, tie_to_parent)
+                  {"address": f"{dial}:{port}", "fleet-address": f"{dial}:{port}", "tls": certs is not None,
+                   "auth": auth}, tie_to_parent)
     wait_healthy(dial, port, health_timeout, proc, certs.ca if certs else None)
-    if executor == "warm":
-        ecmd = [sys.executable, str(WARM_EXECUTOR), "--runtime-api-address", f"{dial}:{port}",
-                "--parent-pid", str(proc.pid), "--preload", ",".join(SERVER_PRELOAD), "--no-warm-app"]
-        ecmd += ["--root-certificates", str(certs.ca)] if certs else ["--insecure"]
-        proc.companions.append(_spawn(work, "superlink-exec", ecmd, env, {"superlink": proc.pid}, tie_to_parent,
-                                      log_name="superlink"))
+    try:
+        if executor == "warm":
+            ecmd = [sys.executable, str(WARM_EXECUTOR), "--runtime-api-address", f"{dial}:{port}",
+                    "--parent-pid", str(proc.pid), "--preload", ",".join(SERVER_PRELOAD), "--no-warm-app"]
+            ecmd += ["--root-certificates", str(certs.ca)] if certs else ["--insecure"]
+            proc.companions.append(_spawn(work, "superlink-exec", ecmd, env, {"superlink": proc.pid},
+                                          tie_to_parent, log_name="superlink"))
+        if gateway:
+            proc.companions.append(_start_gateway(work, public_host, public_port, f"{dial}:{port}", certs,
+                                                  health_timeout, tie_to_parent))
+    except BaseException:
+        stop_proc(proc)
+        raise
+    if gateway:
+        gw_dial = "127.0.0.1" if public_host in ("0.0.0.0", "::", "") else public_host
+        proc.info["fleet-address"] = f"{gw_dial}:{public_port}"
+        proc.info["fleet-gateway"] = True
+        proc.pidfile.write_text(json.dumps({"pid": proc.pid, "cmd": cmd, **proc.info}))
     return proc
+
+
+def _start_gateway(work: Path, host: str, port: int, target: str, certs: Certs | None, timeout: float,
+                   tie_to_parent: bool) -> Proc:
+    """The Fleet gateway in front of the SuperLink (own process group and PID file)."""
+    cmd = [sys.executable, "-m", "floral_flwr.deploy.gateway", "--listen", f"{host}:{port}", "--target", target]
+    if certs is not None:
+        cmd += ["--certs", str(certs.root)]
+    gw = _spawn(work, "fleet-gateway", cmd, _env(), {"address": f"{host}:{port}", "target": target}, tie_to_parent)
+    dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    wait_healthy(dial, port, timeout, gw, certs.ca if certs else None)
+    return gw
 
 
 def start_supernode(

@@ -144,9 +144,12 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
         raise DeployError(f"node config 'data-path' = '{dp}' does not exist on this machine")
     sd = node_config.get("state-dir")
     if not sd:
+        # without one the node's private state (its mixture) would live where the server says, or
+        # be lost on every restart: each SuperNode keeps it in a directory of its own
         raise DeployError(
             "node config needs a 'state-dir': the directory where this SuperNode keeps its clients' "
-            "private state (mixture, local adaptors) across rounds, restarts and runs; pass --state-dir DIR"
+            "private state (mixture, local adaptors) across rounds, restarts and runs (the server "
+            "cannot choose it); pass --state-dir DIR"
         )
     # same probe as floral_flwr.client.state_store.check_writable (no torch import here)
     try:

@@ -45,7 +45,9 @@ class ParameterReport:
     C = 1); ``bytes_up`` = ``bytes_down`` = 4 * number of entries of the shared state (float32;
     includes buffers such as BatchNorm running stats). ``layers``: (name, kind, rank) with rank
     ``None`` for norm adaptors. ``skipped``: (name, type name) of modules that own parameters
-    (or are norms without affine when ``adapt_norm``) and were not wrapped.
+    (or are norms without affine when ``adapt_norm``) and were not wrapped; a layer whose weight
+    is tied to another module's (tied embeddings) is listed as ``"<type> (tied to <name>)"``.
+    ``frozen``: base parameters frozen by :meth:`Floral.freeze_base` (never on the wire).
     """
 
     base: int
@@ -56,6 +58,7 @@ class ParameterReport:
     bytes_up: int
     bytes_down: int
     num_adaptors: int = 0
+    frozen: int = 0
     layers: List[Tuple[str, str, Optional[int]]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
 
@@ -68,7 +71,8 @@ class ParameterReport:
             f"adaptors={self.adaptors:,} mixture={self.mixture:,} "
             f"(+{self.overhead_vs_base_pct:.2f}% of base, "
             f"{self.overhead_vs_ensemble_pct:.2f}% of a C-model ensemble's extra)",
-            f"  bytes per round: up={self.bytes_up:,} down={self.bytes_down:,}",
+            f"  bytes per round: up={self.bytes_up:,} down={self.bytes_down:,}"
+            + (f" (frozen base: {self.frozen:,} parameters not sent)" if self.frozen else ""),
         ]
         lines += [f"  {name or '<root>'}: {kind} rank={rank}" for name, kind, rank in self.layers]
         if self.skipped:
@@ -93,6 +97,69 @@ def _patterns(value: Union[None, str, Iterable[str]], name: str) -> Optional[Tup
 
 def _match(name: str, patterns: Optional[Sequence[str]]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def _check_patterns_match(model: nn.Module, patterns: Optional[Sequence[str]], what: str) -> None:
+    """A pattern that names no module at all is a typo (or the wrong architecture): say so,
+    with module names of this model to copy from."""
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in patterns or ():
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(
+                f"{what} pattern {pattern!r} matches no module of {type(model).__name__}; allowed: "
+                f"fnmatch patterns on module names (model.named_modules()), e.g. '*.query' for "
+                f"BERT-style or '*.q_proj' for Llama-style attention" + _name_examples(model, None))
+
+
+def _name_examples(model: nn.Module, flags: Optional[Dict[str, bool]]) -> str:
+    """'; its layers include ...': a few adaptable module names of ``model``."""
+    every = dict(adapt_linear=True, adapt_conv=True, adapt_conv_transpose=True,
+                 adapt_embedding=True, adapt_norm=True)
+    names = [n for n, m in model.named_modules() if n and find_factory(m, flags or every) is not None]
+    if not names:
+        return ""
+    shown = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
+    return f"; its adaptable layers are named {shown}"
+
+
+def _tensor_owners(model: nn.Module) -> Dict[int, List[str]]:
+    """id(parameter) -> the names (``module.param``) under which modules hold it."""
+    owners: Dict[int, List[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    return owners
+
+
+def _tied_partner(name: str, module: nn.Module, owners: Dict[int, List[str]]) -> Optional[str]:
+    """The other owner of this module's weight or bias when it is tied, else None."""
+    for pname in ("weight", "bias"):
+        p = module._parameters.get(pname)
+        if p is None:
+            continue
+        me = f"{name}.{pname}" if name else pname
+        others = [o for o in owners.get(id(p), []) if o != me]
+        if others:
+            return others[0].rpartition(".")[0] or others[0]
+    return None
+
+
+def _tied_aliases(model: nn.Module, keys: Sequence[str]) -> Dict[str, str]:
+    """state_dict key -> the first key holding the same tensor (only for the later keys)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    first: Dict[int, str] = {}
+    aliases: Dict[str, str] = {}
+    for k in keys:
+        t = tensors.get(k)
+        if t is None:
+            continue
+        if id(t) in first:
+            aliases[k] = first[id(t)]
+        else:
+            first[id(t)] = k
+    return aliases
 
 
 class Floral(nn.Module):
@@ -200,18 +267,34 @@ class Floral(nn.Module):
         # ---- the unwrapped model's state keys and parameter count (before parametrizing)
         self._base_keys: List[str] = list(model.state_dict().keys())
         self._base_numel = sum(p.numel() for p in model.parameters())
+        # tied weights (one tensor under several keys, e.g. a language model's input embedding
+        # and output layer): the state dicts carry each tensor once, under its first key
+        self._aliases: Dict[str, str] = _tied_aliases(model, self._base_keys)
+        owners = _tensor_owners(model)
 
         # ---- choose layers
         flags = dict(adapt_linear=adapt_linear, adapt_conv=adapt_conv,
                      adapt_conv_transpose=adapt_conv_transpose,
                      adapt_embedding=adapt_embedding, adapt_norm=adapt_norm)
+        _check_patterns_match(model, include_p, "include")
+        _check_patterns_match(model, exclude_p, "exclude")
         chosen: List[Tuple[str, nn.Module, Any]] = []
         skipped: List[Tuple[str, str]] = []
         for name, module in model.named_modules():
             factory = find_factory(module, flags)
-            ok = (factory is not None and (include_p is None or _match(name, include_p))
-                  and not _match(name, exclude_p) and unsupported_reason(module) is None)
-            if ok:
+            wanted = (factory is not None and (include_p is None or _match(name, include_p))
+                      and not _match(name, exclude_p))
+            tied = _tied_partner(name, module, owners)
+            if wanted and tied is not None:
+                # skipped (and listed) when a wildcard selects it; an error when named exactly
+                if name in (include_p or ()):
+                    raise ValueError(
+                        f"include={include!r} selects {name!r}, whose weight is tied to "
+                        f"{tied!r}: adapting it would untie the two (merge() could not give the "
+                        f"base architecture back); allowed: layers whose weights are their own "
+                        f"(exclude {name!r})")
+                skipped.append((name, f"{type(module).__name__} (tied to {tied})"))
+            elif wanted and unsupported_reason(module) is None:
                 chosen.append((name, module, factory))
             elif any(True for _ in module.parameters(recurse=False)) or (
                     factory is not None and unsupported_reason(module) is not None):
@@ -221,7 +304,8 @@ class Floral(nn.Module):
                 f"model={type(model).__name__} has no adaptable layer with the given settings "
                 f"({', '.join(f'{k}={v}' for k, v in flags.items())}, include={include!r}, "
                 f"exclude={exclude!r}); allowed: a model with nn.Linear / Conv / ConvTranspose / "
-                f"Embedding / affine norm layers enabled by the adapt_* flags")
+                f"Embedding / affine norm layers enabled by the adapt_* flags"
+                + _name_examples(model, flags))
         self.skipped = skipped
 
         ref = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -345,8 +429,9 @@ class Floral(nn.Module):
 
     def _shared_targets(self) -> "OrderedDict[str, Tensor]":
         out: "OrderedDict[str, Tensor]" = OrderedDict()
+        frozen = self.__dict__.get("_frozen", ())
         for k, t in self._base_items():
-            if not _match(k, self.local_patterns):
+            if k not in self._aliases and k not in frozen and not _match(k, self.local_patterns):
                 out[f"base.{k}"] = t
         out.update(self._adaptor_items())
         return out
@@ -354,9 +439,38 @@ class Floral(nn.Module):
     def _private_targets(self) -> "OrderedDict[str, Tensor]":
         out: "OrderedDict[str, Tensor]" = OrderedDict([("mixture.logits", self.mixture.logits)])
         for k, t in self._base_items():
-            if _match(k, self.local_patterns):
+            if k not in self._aliases and _match(k, self.local_patterns):
                 out[f"local.{k}"] = t
         return out
+
+    # ------------------------------------------------------------------ frozen base
+    def freeze_base(self, trainable: Union[str, Iterable[str]] = ()) -> "Floral":
+        """Freeze the base model (the foundation-model regime): every base parameter whose
+        state key matches none of the fnmatch patterns ``trainable`` (e.g. ``"head.*"``) gets
+        ``requires_grad=False`` and leaves the shared state, together with the base buffers
+        not matched: it is never sent nor loaded, because every party builds it identically (a
+        pretrained checkpoint, or the same seeded initialisation). Adaptors, the mixture and
+        ``local_patterns`` keys are unaffected. Returns ``self``."""
+        patterns = _patterns(trainable, "trainable") or ()
+        canonical = [k for k in self._base_keys if k not in self._aliases]
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(k, pattern) for k in canonical):
+                raise ValueError(
+                    f"trainable pattern {pattern!r} matches no base state key; allowed: fnmatch "
+                    f"patterns on the wrapped model's state_dict() keys, e.g. "
+                    f"{canonical[-1]!r}")
+        frozen = {k for k in canonical if not _match(k, patterns) and not _match(k, self.local_patterns)}
+        for k, t in self._base_items():
+            if k in frozen and isinstance(t, nn.Parameter):
+                t.requires_grad_(False)
+        self.__dict__["_frozen"] = frozen
+        return self
+
+    @property
+    def frozen_keys(self) -> List[str]:
+        """Base state keys frozen by :meth:`freeze_base` (not in the shared state)."""
+        frozen = self.__dict__.get("_frozen", ())
+        return [k for k in self._base_keys if k in frozen]
 
     def shared_state_dict(self) -> "OrderedDict[str, Tensor]":
         """``base.<key>`` (unwrapped model's keys, minus local) then ``adaptor.<layer>.<factor>``.
@@ -433,11 +547,15 @@ class Floral(nn.Module):
         base = self._base_numel
         ens = (self.num_adaptors - 1) * base
         shared_bytes = 4 * sum(t.numel() for t in self._shared_targets().values())
+        frozen = self.__dict__.get("_frozen", ())
+        frozen_numel = sum(t.numel() for k, t in self._base_items()
+                           if k in frozen and isinstance(t, nn.Parameter))
         ranks = {name: a.rank for name, a in self.adaptor_modules().items()}
         return ParameterReport(
             base=base, adaptors=adaptors, mixture=mixture,
             overhead_vs_base_pct=100.0 * extra / base if base else math.inf,
             overhead_vs_ensemble_pct=100.0 * extra / ens if ens else math.inf,
             bytes_up=shared_bytes, bytes_down=shared_bytes, num_adaptors=self.num_adaptors,
+            frozen=frozen_numel,
             layers=[(name, kind, ranks[name]) for name, kind, _ in self._layers],
             skipped=list(self.skipped))

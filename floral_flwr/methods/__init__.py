@@ -10,6 +10,7 @@ module              methods
 :mod:`.floral`        ``floral``, ``floral-oracle``
 :mod:`.local_adaptor` ``local-adaptor``
 :mod:`.fedavg`        ``fedavg``
+:mod:`.fedavg_lora`   ``fedavg-lora``
 :mod:`.fedavg_ft`     ``fedavg-ft``
 :mod:`.ensemble`      ``ensemble``, ``ensemble-oracle``
 :mod:`.ifca`          ``ifca``
@@ -26,7 +27,7 @@ stacked shared state). Adding a method = one module here plus its import line be
 from floral_flwr.methods.base import METHOD_SPECS, MethodSpec, ModelHandle, build_handle, check_method_task, register
 
 # every method registers itself at import; this order is the order of METHOD_SPECS
-from floral_flwr.methods import floral, local_adaptor, fedavg  # noqa: E402,F401
+from floral_flwr.methods import floral, local_adaptor, fedavg_lora, fedavg  # noqa: E402,F401
 from floral_flwr.methods import fedavg_ft, ensemble, ifca, fedem, ditto, feddpa  # noqa: E402,F401
 from floral_flwr.methods.floral import FloralHandle, floral_kwargs  # noqa: E402
 from floral_flwr.methods.training import sgd_steps  # noqa: E402

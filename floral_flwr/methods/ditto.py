@@ -6,7 +6,9 @@ Per client k: min_v F_k(v) + (lambda/2) ||v - w*||^2 with w* the FedAvg global m
 - Shared (wire keys ``base.*``): the global model w, trained by plain local SGD (FedProx's term
   when ``server-optimizer='fedprox'``) and aggregated by FedAvg (n_k-weighted mean, uniform
   sampling: Flower's convention; the official code samples prop. to n_k and averages uniformly).
-- Private (``personal.*``): the personal model v_k, a full model, kept in the private-state store.
+- Private (``personal.*``): the personal model v_k, a full model, kept in the private-state store;
+  never in a reply, in any ``aggregation`` mode. The server sees each client's trained global
+  model under ``'mean'`` / ``'sum-only'`` (plain FedAvg), only the sum under ``'secagg'``.
   A client with no stored v_k starts it from the global model it just received (so a
   never-sampled client's v_k is the current global model, not the round-1 init).
 - Client round (the official ``trainers_MTL/ditto.py`` order): for each mini-batch b, one personal

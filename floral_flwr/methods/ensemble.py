@@ -10,6 +10,9 @@ one-hot at the client's true cluster (logits frozen), i.e. clustered FedAvg with
 Cost: C x the model's parameters, compute and communication (FLoRAL's point of comparison).
 - Federated: the C models (model c weighted by n_k p_k(c)).
 - Private: ``mixture.logits`` (C,). Holdout clients fit only the C logits.
+- What the server learns of p_k: as FLoRAL's (:mod:`.floral`): under ``'secagg'`` only sums over
+  clients of n_k p_k(c) and of the weighted model updates; under ``'mean'`` / ``'sum-only'`` each
+  reply's ``adaptor-weights`` = n_k p_k; p_k itself in evaluation only with ``report-mixtures``.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ register(MethodSpec(
     uses_adaptors=False,
     build=lambda cfg, build_model: EnsembleHandle.build(cfg, build_model, oracle=False),
     federated="the C models (model c weighted by n_k p_k(c))",
-    private="the mixture logits",
+    private="the mixture logits (n_k p_k in plaintext under 'mean', masked under 'secagg')",
 ))
 register(MethodSpec(
     "ensemble-oracle",

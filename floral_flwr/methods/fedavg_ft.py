@@ -9,7 +9,8 @@ ephemeral: the next message overwrites it with the global model, nothing goes ba
 Holdout clients: zero-shot = the global model, adapted = the fine-tuned copy.
 
 - Federated: the whole model, weighted by n_k (plain FedAvg).
-- Private: nothing kept between rounds (the fine-tuned copy is rebuilt at every evaluation).
+- Private: nothing kept between rounds (the fine-tuned copy is rebuilt at every evaluation and
+  never sent). Updates as FedAvg's: per client under ``'mean'``, summed under ``'secagg'``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Blumenstein, NeurIPS 2024, arXiv 2403.19211), FedDPA-T, adapted to the small mod
 The original freezes a pretrained LLM and puts two LoRA adapters on it: a **global** one (FedAvg)
 and a **local** one (private), combined at inference with an instance-wise weight from the cosine
 similarity between the test input and a few local training inputs. Our tasks have no pretrained
-backbone, so the adaptation is:
+backbone unless ``train-base`` = false (below), so the adaptation is:
 
 - the model is the task model wrapped by the FLoRAL parameterization with exactly two adaptor
   slots of rank ``rank`` on the same layers: slot 0 = global adaptor, slot 1 = local adaptor; the
@@ -12,7 +12,10 @@ backbone, so the adaptation is:
   base(x) + alpha (w_g A_g(x) + w_l A_l(x)));
 - shared (federated, n_k-weighted mean; the official code averages uniformly): the **base**
   (which the original keeps frozen: ours has to be learned federatedly) + the global adaptor
-  (wire key ``adaptor.*`` with leading dim 1); private: the local adaptor (``dpa.*``);
+  (wire key ``adaptor.*`` with leading dim 1); private: the local adaptor (``dpa.*``), never in a
+  reply in any ``aggregation`` mode, and its fixed/instance-wise weights are not a per-client
+  mixture (the wire weight is n_k); the shared update is per client under ``'mean'``, summed
+  under ``'secagg'``;
 - client round: (1) local phase, ``local-epochs`` of SGD on the local adaptor only, with the
   global branch frozen and p = [1 - a, a], a = 0.5 (the code's ``local_weight``); (2) global
   phase, ``local-epochs`` of SGD on base + global adaptor alone (p = [1, 0]), as FedIT. FedProx's
@@ -27,6 +30,8 @@ backbone, so the adaptation is:
   batch needs at most 21 forward passes (the mixture folds into the weights per forward).
 - Holdout clients: zero-shot = the fresh (zero) local adaptor, i.e. the global model; adapted =
   ``adapt-steps`` local-phase steps on the local adaptor.
+- ``train-base`` = false is FedDPA's own setting: a frozen (pretrained) backbone, never sent; the
+  global adaptor and the task's head are federated, the local adaptor stays private.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ import torch
 from torch import nn
 
 from floral_flwr.floral import Floral
+from floral_flwr.floral.adaptors import Adaptor
 from floral_flwr.methods.base import MethodSpec, ModelHandle, register
-from floral_flwr.methods.floral import floral_kwargs
+from floral_flwr.methods.floral import build_floral_model
 from floral_flwr.methods.training import sgd_steps, train_local
 
 LOCAL_WEIGHT = 0.5  # a, FedDPA-T's local_weight
@@ -98,11 +104,11 @@ class FedDPAHandle(ModelHandle):
 
     @classmethod
     def build(cls, cfg: Any, build_model: Callable[[], nn.Module]) -> "FedDPAHandle":
-        kw = floral_kwargs(cfg)
-        # FedDPA's adaptors are LoRA started at zero (global and local), not FLoRAL's mixture init
-        kw.update(num_adaptors=2, mixture_noise=0.0, prob_floor=0.0, temperature=1.0,
-                  entropy_penalty=0.0, per_layer_mixture=False, adaptor_init="zero")
-        fm = Floral(build_model(), **kw)
+        # FedDPA's adaptors are LoRA started at zero (global and local), not FLoRAL's mixture init;
+        # with train-base = false the backbone is frozen (FedDPA's own setting)
+        fm = build_floral_model(cfg, build_model(), num_adaptors=2, mixture_noise=0.0, prob_floor=0.0,
+                                temperature=1.0, entropy_penalty=0.0, per_layer_mixture=False,
+                                adaptor_init="zero")
         fm.mixture.logits.requires_grad_(False)
         h = cls(FedDPAModel(fm))
         h.module.set_p(1.0, 0.0)
@@ -158,13 +164,33 @@ class FedDPAHandle(ModelHandle):
     def adaptor_weights(self, n: float) -> list[float]:
         return [float(n)]
 
+    def _slot_masks(self, frozen: int) -> dict[int, torch.Tensor]:
+        """Per adaptor parameter (by id): 1 everywhere except 0 on adaptor slot ``frozen``.
+
+        A bank's parameter is not always indexed by the adaptor first (linear banks are the
+        2-d matrices [A_1; A_2] and [B_1 | B_2]); :meth:`Adaptor.state_items` gives views with
+        the adaptor first, so the mask is written through those views into a parameter-shaped
+        tensor (the parameter's values are restored)."""
+        masks: dict[int, torch.Tensor] = {}
+        for mod in self.fm.modules():
+            if not isinstance(mod, Adaptor):
+                continue
+            params = list(mod.parameters(recurse=False))
+            with torch.no_grad():
+                saved = [p.detach().clone() for p in params]
+                for p in params:
+                    p.fill_(1.0)
+                for _, view in mod.state_items():  # views of the parameters just filled
+                    view[frozen] = 0.0
+                for p, old in zip(params, saved):
+                    masks[id(p)] = p.detach().clone()
+                    p.copy_(old)
+        return masks
+
     def _mask_slot(self, frozen: int) -> list[Any]:
-        """Zero the gradient of adaptor slot ``frozen`` (the stacked tensors share one Parameter)."""
-        def hook(g: torch.Tensor) -> torch.Tensor:
-            g = g.clone()
-            g[frozen] = 0
-            return g
-        return [p.register_hook(hook) for p in self._adaptor_params()]
+        """Zero the gradient of adaptor slot ``frozen`` (the C slots share one Parameter)."""
+        masks = self._slot_masks(frozen)
+        return [p.register_hook(lambda g, m=masks[id(p)]: g * m) for p in self._adaptor_params()]
 
     def _local_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": self._adaptor_params(), "lr": lr}]

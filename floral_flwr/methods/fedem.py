@@ -14,6 +14,12 @@ Client round (one EM iteration, as the official ``MixtureClient.step``):
    so component m's effective step is proportional to pi_m); FedProx's term when configured.
 Reply: all M components (stacked ``adaptor.model.*``) and w_k(m) = n_k for every m.
 
+What the server learns of pi_k (private, ``fedem.pi``): the weights say nothing about it
+(n_k for every m). Under ``'mean'`` / ``'sum-only'`` each client's M trained components are in
+plaintext, and component m moved with a step proportional to pi_km, so the sizes of a client's
+updates reveal pi_k approximately; under ``'secagg'`` (default) only sums over clients are
+unmasked. Evaluation replies carry pi_k only with ``report-mixtures``.
+
 Aggregation rule implemented: theta_m <- sum_k n_k theta_m^k / sum_k n_k over the **replies of the
 sampled clients** (the paper's rule with participation; the official ``CentralizedAggregator.mix``
 instead averages over all clients with stale copies for non-sampled ones, which only differs when
@@ -130,5 +136,5 @@ register(MethodSpec(
     uses_adaptors=False,
     build=FedEMHandle.build,
     federated="the M components (per-component FedEM weights)",
-    private="the EM mixture weights pi_k",
+    private="the EM mixture weights pi_k (never in a reply unless report-mixtures)",
 ))

@@ -7,12 +7,19 @@ adaptors; each client owns a mixture vector (C logits, p = softmax), and a layer
 
 - Federated: the base, weighted by n_k (FedAvg); adaptor c, weighted by n_k * p_k(c) (the
   paper's p(k|c) rule, :mod:`floral_flwr.strategy.aggregate`).
-- Private: the mixture logits (``mixture.logits``), never sent (the reply carries only the
-  per-adaptor weights w_k(c) = n_k * p_k(c) the rule needs; under ``aggregation='sum-only'``
-  those are folded into sums).
+- Private: the mixture logits (``mixture.logits``), never sent.
+- What the server learns of p_k: under ``aggregation='secagg'`` (the default) nothing per client:
+  the weights w_k(c) = n_k p_k(c) and the weighted adaptor updates are inside the SecAgg+ mask
+  and only their sums over clients are unmasked (docs/privacy.md). Under ``'mean'`` and
+  ``'sum-only'`` every train reply carries ``adaptor-weights`` = n_k p_k in plaintext (p_k is
+  recovered exactly) and, in ``'mean'``, the trained adaptors; ``'mean'`` evaluation replies also
+  carry argmax_c p_k(c). Evaluation replies carry p_k itself only with ``report-mixtures``.
 - ``floral-oracle``: the mixture fixed one-hot at the client's true cluster (logits frozen), the
-  upper reference of the paper's tables.
+  upper reference of the paper's tables (its weights n_k 1[c = cluster_k] reveal the true cluster
+  in ``'mean'``; masked under ``'secagg'``).
 - Holdout clients fit only their C logits (``adapt``).
+- ``train-base`` = false (a pretrained backbone): the base is frozen and never sent; only the
+  adaptors and the task's head (``head_patterns``) train and travel.
 """
 
 from __future__ import annotations
@@ -100,8 +107,39 @@ def floral_kwargs(cfg: RunConfig) -> dict[str, Any]:
     )
 
 
+def adaptor_targets(model: nn.Module) -> dict[str, Any]:
+    """``include``/``exclude`` for ``Floral`` from the task model: a model may name the layers its
+    adaptors go on (``model.adaptor_include`` / ``model.adaptor_exclude``: fnmatch patterns on
+    module names, e.g. the query/value projections of a transformer's top layers and its head);
+    without them every supported layer is adapted."""
+    return {k: getattr(model, f"adaptor_{k}") for k in ("include", "exclude")
+            if getattr(model, f"adaptor_{k}", None) is not None}
+
+
+def head_patterns(model: nn.Module) -> tuple[str, ...]:
+    """State-key patterns of the base parameters that still train (and travel) when the base is
+    frozen (``train-base`` = false): the model's ``head_patterns`` attribute (a text classifier's
+    head), else the parameters of its last ``nn.Linear`` (the classifier of the image models)."""
+    own = getattr(model, "head_patterns", None)
+    if own is not None:
+        return tuple(own)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return (f"{linears[-1]}.*",) if linears else ()
+
+
+def build_floral_model(cfg: RunConfig, model: nn.Module, **overrides: Any) -> Floral:
+    """``Floral`` around the task model with the run config's settings (``overrides`` win), on
+    the layers the model names, with the base frozen except its head when ``train-base`` is
+    false: what FLoRAL, the local adaptor, FedDPA and the shared LoRA all build."""
+    heads = head_patterns(model)
+    fm = Floral(model, **{**floral_kwargs(cfg), **adaptor_targets(model), **overrides})
+    if not cfg.train_base:
+        fm.freeze_base(trainable=heads)
+    return fm
+
+
 def _build_floral(cfg: RunConfig, build_model: Callable[[], nn.Module]) -> FloralHandle:
-    return FloralHandle(Floral(build_model(), **floral_kwargs(cfg)))
+    return FloralHandle(build_floral_model(cfg, build_model()))
 
 
 register(MethodSpec(
@@ -110,7 +148,7 @@ register(MethodSpec(
     uses_adaptors=True,
     build=_build_floral,
     federated="base (weights n_k) and the C adaptors (weights n_k p_k(c))",
-    private="the mixture logits",
+    private="the mixture logits (n_k p_k in plaintext under 'mean', masked under 'secagg')",
 ))
 register(MethodSpec(
     "floral-oracle",

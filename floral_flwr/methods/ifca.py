@@ -11,6 +11,12 @@ arXiv 2006.04088), model-averaging variant (Option II).
   optimizers would keep moving unchosen models, so ``ifca`` refuses them (config check).
 - Evaluation: the model with the lowest loss on the client's *train* split (never test labels).
 - Private state: ``ifca.cluster`` (the last choice, -1 = none yet), kept for reports/resume.
+- What the server learns of the choice: under ``'secagg'`` (default) nothing per client: the
+  weights n_k onehot(j) and the weighted update of model j are masked, only sums over clients are
+  unmasked (so the server learns how many examples chose each model), and ``cluster-id`` is not
+  sent. Under ``'mean'`` / ``'sum-only'`` the choice is in plaintext (``cluster-id`` and the
+  weights); ``'mean'`` evaluation replies carry the evaluation-time choice
+  (``assigned-adaptor``), and the one-hot "mixture" only with ``report-mixtures``.
 - Holdout clients: zero-shot = the uniform average of the C models' outputs; adapted = the
   lowest-train-loss model (no gradient step: choosing is IFCA's personalization).
 - The reply carries all C models (only slice j is used): uplink is C x the model; a sum-only
@@ -102,5 +108,5 @@ register(MethodSpec(
     uses_adaptors=False,
     build=IFCAHandle.build,
     federated="the C models (model j: mean of the replies that chose j, weights n_k)",
-    private="the last cluster choice (ifca.cluster); the choice itself is visible in the weights",
+    private="the last cluster choice (ifca.cluster); visible in 'mean' replies, masked under 'secagg'",
 ))

@@ -6,8 +6,11 @@ federated. Personalization = one private low-rank edit per client, with no shari
 similar clients.
 
 - Federated: the base, weighted by n_k (FedAvg).
-- Private: the adaptor bank (``adaptor.*``) and its (fixed) one-adaptor mixture.
+- Private: the adaptor bank (``adaptor.*``) and its (fixed) one-adaptor mixture; never in a reply,
+  in any ``aggregation`` mode (the base update: per client under ``'mean'``, summed under
+  ``'secagg'``).
 - Holdout clients fit their private adaptor (shared base frozen).
+- ``train-base`` = false: the base is frozen and never sent; only the task's head is federated.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 from floral_flwr.config import RunConfig
 from floral_flwr.floral import Floral
 from floral_flwr.methods.base import MethodSpec, register
-from floral_flwr.methods.floral import FloralHandle, floral_kwargs
+from floral_flwr.methods.floral import FloralHandle, build_floral_model
 
 
 def _is_local(key: str) -> bool:
@@ -71,7 +74,7 @@ class LocalAdaptorHandle(FloralHandle):
 
 
 def _build(cfg: RunConfig, build_model: Callable[[], nn.Module]) -> LocalAdaptorHandle:
-    floral = Floral(build_model(), **floral_kwargs(cfg))  # num_adaptors = 1 for this method
+    floral = build_floral_model(cfg, build_model())  # num_adaptors = 1 for this method
     floral.set_oracle(0)
     return LocalAdaptorHandle(floral)
 

@@ -1,7 +1,8 @@
 """Personalized evaluation on the server: checking evaluate replies, and summarising them.
 
-Each sampled client evaluates its own personalized model and replies with its metric, loss,
-example count and (FLoRAL) mixture. :func:`collect_eval_rows` validates the replies
+Each sampled client evaluates its own personalized model and replies with its metric, loss and
+example count; its mixture only with run config ``report-mixtures`` (in 'mean' mode the argmax,
+``assigned-adaptor``, for the cluster ARI). :func:`collect_eval_rows` validates the replies
 (:mod:`.validation`) into one row per client; :func:`summarize_eval` gives the mean, std,
 worst-10 %, example-weighted mean, per-cluster means and the cluster ARI of the clients that
 trained, and :func:`summarize_holdout` the zero-shot vs adapted metric of held-out clients.
@@ -89,13 +90,23 @@ def summarize_eval(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
     if all(c >= 0 for c in clusters):
         for c in sorted(set(clusters)):
             out[f"{metric}-cluster{c}"] = float(np.mean([v for v, cc in zip(vals, clusters) if cc == c]))
-        mixtures = [r.get("mixture") for r in rows]
-        if all(m for m in mixtures) and len(set(clusters)) > 1:
+        assigned = [_assigned(r) for r in rows]
+        if all(a is not None for a in assigned) and len(set(clusters)) > 1:
             from sklearn.metrics import adjusted_rand_score
 
-            assigned = [int(np.argmax(m)) for m in mixtures]
             out["cluster-ari"] = float(adjusted_rand_score(clusters, assigned))
     return out
+
+
+def _assigned(row: dict[str, Any]) -> int | None:
+    """The adaptor a client is assigned to, from a plaintext reply: its reported mixture
+    (report-mixtures) or its argmax ('mean' mode); None under secagg (the ARI then comes from a
+    securely summed table, :mod:`.secure_rounds`)."""
+    if row.get("mixture"):
+        return int(np.argmax(row["mixture"]))
+    if "assigned-adaptor" in row:
+        return int(row["assigned-adaptor"])
+    return None
 
 
 def summarize_holdout(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:

@@ -1,3 +1,4 @@
+# size: the round loop of one strategy class (train exchange, plaintext or SecAgg+, evaluation folded or separate, stop rules); each step is delegated, the sequence stays readable here.
 """The FLoRAL strategy on Flower's Message API: one server round, start to end.
 
 ``FloralStrategy`` is a :class:`flwr.serverapp.strategy.FedAvg` whose aggregation is the p(k|c)
@@ -11,7 +12,15 @@ round delegates to a short module of its own:
   per-cluster means, cluster ARI, holdout clients);
 - :mod:`.optimizer_state`: the server optimizer's moments for the checkpoint, and the dtype pin;
 - :mod:`.round_stats`: the per-round bookkeeping the results recorder reads;
-- :mod:`.optimizers`: composition with Flower's server optimizers and ``build_strategy``.
+- :mod:`.optimizers`: composition with Flower's server optimizers and ``build_strategy``;
+- :mod:`.secure_rounds`: under ``aggregation='secagg'`` (``self.secure`` set), the train step is
+  one SecAgg+ exchange whose unmasked sum becomes the aggregate (:mod:`.secagg`,
+  :mod:`.masked_sum`), and the cluster ARI comes from a securely summed contingency table.
+
+A run stops loudly (:class:`~floral_flwr.rundir.RunFailed`, one message naming the round and the
+first cause) when a round accepts no reply, and a global state with NaN/Inf is never adopted
+(:class:`~floral_flwr.rundir.NonFiniteState`). An adaptor (ensemble/IFCA model) slice that no
+accepted reply used this round is not moved by the server optimizer, and its moments are kept.
 """
 
 from __future__ import annotations
@@ -27,14 +36,24 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from floral_flwr.strategy.aggregate import FloralAccumulator
+from floral_flwr.rundir import NonFiniteState, RunFailed
+from floral_flwr.strategy.bounds import ExampleCaps
 from floral_flwr.strategy.eval_fold import PendingEval, fold_into, split_folded_replies
 from floral_flwr.strategy.evaluation import collect_eval_rows, summarize_round
 from floral_flwr.strategy.exchange import DEFAULT_POLL, exchange
 from floral_flwr.strategy.nodes import ClientDirectory, sample_nodes, wait_for_nodes
-from floral_flwr.strategy.optimizer_state import DtypePin, load_optimizer_state, optimizer_state
+from floral_flwr.strategy.optimizer_state import (DtypePin, hold_unused_slices, load_optimizer_state,
+                                                  non_finite_keys, optimizer_state, snapshot_moments)
+from floral_flwr.strategy.robust import make_accumulator
 from floral_flwr.strategy.replies import fold_train_replies, record_nbytes, report_unanswered
 from floral_flwr.strategy.round_stats import RoundStats
+from floral_flwr.strategy.secure_rounds import (
+    SecureOptions,
+    aggregate_secure,
+    secure_ari,
+    secure_train_exchange,
+    wants_secure_ari,
+)
 from floral_flwr.wire import from_array, to_array
 
 TRAIN_SALT, EVALUATE_SALT = 0, 1  # separate seeded samples for the train and evaluate phases
@@ -117,7 +136,13 @@ class FloralStrategy(FedAvg):
         self.node_wait_timeout = float(node_wait_timeout)
         # run config aggregation = "sum-only": replies carry n_k*base_k and w_k(c)*adaptor_c^k
         self.sum_only = bool(getattr(self, "sum_only", False))
+        # run config aggregation = "secagg": set by the ServerApp (floral_flwr.server)
+        self.secure: SecureOptions | None = getattr(self, "secure", None)
+        self._pending_secure = None  # the secure exchange of the round being aggregated
+        self._first_round = 1
         self.clients = ClientDirectory()
+        self.robust, self.clip_norm, self.trim_fraction = "none", 0.0, 0.2
+        self._first_cause = ""
         self._keep_dtypes = DtypePin()
         self._template: dict[str, np.ndarray] | None = None
         self.stats: RoundStats = RoundStats(0)
@@ -127,6 +152,14 @@ class FloralStrategy(FedAvg):
         self.reply_poll = float(getattr(self, "reply_poll", DEFAULT_POLL))
         # an evaluation round's evaluation rides on the next round's train messages (see .eval_fold)
         self.fold_evaluation = bool(getattr(self, "fold_evaluation", True))
+
+    def set_robustness(self, robust: str = "none", clip_norm: float = 0.0, trim_fraction: float = 0.2,
+                       caps: ExampleCaps | None = None) -> None:
+        """The robust aggregation mode (:mod:`.robust`) and the server's caps on reply weights
+        (:mod:`.bounds`); call before the first round."""
+        self.robust, self.clip_norm, self.trim_fraction = robust, float(clip_norm), float(trim_fraction)
+        if caps is not None:
+            self.clients.caps = caps
 
     # ------------------------------------------------------------------ the loop
 
@@ -146,29 +179,34 @@ class FloralStrategy(FedAvg):
         """Flower's round loop, plus ``start_round`` (resume) and an ``on_round_end`` hook."""
         log(INFO, "Starting %s: rounds %d..%d", type(self).__name__, start_round, num_rounds)
         self.num_rounds = num_rounds
+        self._first_round = start_round
         result = Result()
         result.arrays = initial_arrays
         arrays = initial_arrays
         pending: PendingEval | None = None  # an evaluation riding on the next round's messages
         for rnd in range(start_round, num_rounds + 1):
             t0 = time.monotonic()
-            msgs = list(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid))
-            if pending is not None:
-                msgs = fold_into(pending, msgs, self.arrayrecord_key, self.configrecord_key)
-            replies = exchange(grid, msgs, timeout, self.reply_poll)
+            moments = snapshot_moments(self)  # before the exchange: the slices no reply used keep them
+            replies = self._train_exchange(rnd, arrays, grid, train_config, timeout, pending)
             if pending is not None:  # round rnd-1 is complete now: record it before aggregating
                 replies = self._finish_evaluation(pending, replies, result, evaluate_fn, on_round_end)
                 pending = None
-            arrays = self._aggregate_round(rnd, arrays, replies, result)
+            arrays = self._aggregate_round(rnd, arrays, moments, replies, result)
             t1 = time.monotonic()
             self.stats.seconds_train = t1 - t0
-            if self.fold_evaluation and rnd < num_rounds and self.is_eval_round(rnd):
+            if self.folds_evaluation and rnd < num_rounds and self.is_eval_round(rnd):
                 pending = self._plan_evaluation(rnd, arrays, grid, evaluate_config)
                 continue
             self._evaluate_round(rnd, arrays, grid, evaluate_config, timeout, result)
             self.stats.seconds_eval = time.monotonic() - t1
             self._end_round(rnd, arrays, result, evaluate_fn, on_round_end)
         return result
+
+    @property
+    def folds_evaluation(self) -> bool:
+        """Evaluation rides in the next round's train messages: run config fold-evaluation, and
+        plaintext aggregation only (under secagg the train messages are SecAgg+ stage messages)."""
+        return self.fold_evaluation and self.secure is None
 
     def _end_round(self, rnd: int, arrays: ArrayRecord, result: Result,
                    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
@@ -180,15 +218,45 @@ class FloralStrategy(FedAvg):
         if on_round_end is not None:
             on_round_end(rnd, arrays, self)
 
-    def _aggregate_round(self, rnd: int, arrays: ArrayRecord, replies: list[Message], result: Result) -> ArrayRecord:
-        """Aggregate the train replies; the new global state (the old one if nothing was valid)."""
+    def _train_exchange(self, rnd: int, arrays: ArrayRecord, grid: Grid, train_config: ConfigRecord | None,
+                        timeout: float, pending: PendingEval | None) -> list[Message]:
+        """Send round ``rnd``'s train messages (with ``pending``'s evaluation folded in) and
+        collect the replies. Under secagg the round is one SecAgg+ exchange on the grid whose sum
+        :meth:`aggregate_train` decodes (:mod:`.secure_rounds`): no plaintext reply comes back."""
+        if self.secure is not None:
+            self._pending_secure = secure_train_exchange(self, rnd, arrays, grid, train_config,
+                                                         first_round=rnd == self._first_round)
+            return []
+        msgs = list(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid))
+        if pending is not None:
+            msgs = fold_into(pending, msgs, self.arrayrecord_key, self.configrecord_key)
+        return exchange(grid, msgs, timeout, self.reply_poll)
+
+    def _aggregate_round(self, rnd: int, arrays: ArrayRecord, moments: dict[str, Any] | None, replies: list[Message],
+                         result: Result) -> ArrayRecord:
+        """Aggregate the train replies into the new global state (``moments``: the server
+        optimizer's before the round). Raises RunFailed when no reply was accepted and
+        NonFiniteState when the new state (after the server optimizer) is not finite."""
         new_arrays, train_metrics = self.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            arrays = self._keep_dtypes(new_arrays)
-            result.arrays = arrays
+        if new_arrays is None:
+            raise RunFailed(self._nothing_accepted(rnd))
+        new_arrays = hold_unused_slices(self, moments, arrays, new_arrays, self.stats.adaptor_totals)
+        bad = non_finite_keys(new_arrays)
+        if bad:
+            raise NonFiniteState(f"round {rnd}: the new global state has NaN/Inf in {bad[:5]}: not adopted "
+                                 f"(the checkpoint of round {rnd - 1} is kept)")
+        arrays = self._keep_dtypes(new_arrays)
+        result.arrays = arrays
         if train_metrics is not None:
             result.train_metrics_clientapp[rnd] = train_metrics
         return arrays
+
+    def _nothing_accepted(self, rnd: int) -> str:
+        s = self.stats
+        cause = self._first_cause or "no sampled node replied"
+        return (f"round {rnd} accepted no reply ({s.sampled} sampled, {s.failures} failed, {s.rejected} "
+                f"rejected); first cause: {cause}. Nothing was trained this round, so the run stops; "
+                f"the checkpoint of round {rnd - 1} is kept: fix the cause, then resume=true")
 
     # ------------------------------------------------------------------ evaluation folded in
 
@@ -225,6 +293,10 @@ class FloralStrategy(FedAvg):
         eval_msgs = list(self.configure_evaluate(rnd, arrays, config, grid))
         if eval_msgs:
             eval_metrics = self.aggregate_evaluate(rnd, exchange(grid, eval_msgs, timeout, self.reply_poll))
+            if eval_metrics is not None and wants_secure_ari(self):
+                ari = secure_ari(self, grid, rnd, config)
+                if ari is not None:
+                    self.stats.eval_summary["cluster-ari"] = eval_metrics["cluster-ari"] = ari
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics
 
@@ -259,16 +331,23 @@ class FloralStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, then fold the good ones into the p(k|c) accumulator."""
+        """Validate each reply, then fold the good ones into the p(k|c) accumulator (under
+        secagg: decode the exchange's sum instead; Flower's optimizers wrap either)."""
+        if self._pending_secure is not None:
+            exchange, self._pending_secure = self._pending_secure, None
+            return aggregate_secure(self, server_round, exchange)
         assert self._template is not None, "configure_train must run before aggregate_train"
         t_start = time.perf_counter()
-        acc = FloralAccumulator(self._template, self.num_adaptors)
+        acc = make_accumulator(self._template, self.num_adaptors, self.robust, self.clip_norm, self.trim_fraction)
         sampled = set(getattr(self, "_awaiting", ()))
         folded = fold_train_replies(
             replies, acc, server_round=server_round, arrayrecord_key=self.arrayrecord_key,
             template=self._template, num_adaptors=self.num_adaptors,
             client_sizes=self.clients.client_sizes, presummed=self.sum_only,
+            client_ids=self.clients.client_ids,
         )
+        self._first_cause = (f"node {folded.errors[0][0]} failed: {folded.errors[0][1]}" if folded.errors
+                             else folded.first_rejection and f"rejected {folded.first_rejection}")
         missing = report_unanswered(server_round, folded, sampled)
         self._awaiting = set()
         self._count_train_replies(acc.num_replies, len(folded.errors) + missing, folded.rejected)
@@ -279,7 +358,11 @@ class FloralStrategy(FedAvg):
             return None, None
         self.stats.train_loss = float(np.average(folded.losses, weights=folded.weights))
         self.stats.adaptor_totals = acc.adaptor_totals.tolist()
-        out = ArrayRecord({k: to_array(v) for k, v in acc.result().items()})
+        aggregate = acc.result()
+        bad = non_finite_keys(aggregate)
+        if bad:  # cannot come from finite inputs; checked before Flower's optimizers step on it
+            raise NonFiniteState(f"round {server_round}: the aggregate has NaN/Inf in {bad[:5]}: not adopted")
+        out = ArrayRecord({k: to_array(v) for k, v in aggregate.items()})
         metrics = MetricRecord({"train-loss": self.stats.train_loss, "num-replies": acc.num_replies})
         self.stats.seconds_aggregate = time.perf_counter() - t_start
         return out, metrics

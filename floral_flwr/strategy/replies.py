@@ -2,9 +2,11 @@
 
 :func:`fold_train_replies` sorts the replies by the client id each reports (float32 partial sums
 depend on the order of the additions, and the engine delivers replies in any order), decodes
-and validates each one (:mod:`.validation`) and adds the good ones to the p(k|c) accumulator
-(:mod:`.aggregate`); error replies and invalid ones are counted and logged with the node id,
-never aggregated. :func:`report_unanswered` logs the error replies and counts the sampled nodes
+each one against the global state's shapes before anything is allocated (:mod:`floral_flwr.wire`),
+validates it (:mod:`.validation`: its weight capped by what the server knows about that node,
+its client id the one discovery recorded) and adds the good ones to the accumulator (the p(k|c)
+rule of :mod:`.aggregate`, or a robust mode of :mod:`.robust`); error replies and invalid ones
+are counted and logged with the node id, never aggregated. :func:`report_unanswered` logs the error replies and counts the sampled nodes
 that sent nothing within the reply timeout.
 """
 
@@ -19,8 +21,8 @@ from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 
 from floral_flwr.strategy.aggregate import FloralAccumulator
-from floral_flwr.strategy.validation import InvalidReply, TrainReply, validate_train_reply
-from floral_flwr.wire import from_array
+from floral_flwr.strategy.validation import InvalidReply, TrainReply, check_client_id, validate_train_reply
+from floral_flwr.wire import decode_record
 
 NO_CLIENT_ID = 1 << 62  # sorts error and malformed replies last (they are not aggregated anyway)
 
@@ -36,15 +38,15 @@ def reply_order(msg: Message) -> tuple[int, int]:
     cid = NO_CLIENT_ID
     if not msg.has_error():
         try:
-            cid = int(msg.content.metric_records["metrics"]["client-id"])
-        except (KeyError, TypeError, ValueError):
+            cid = check_client_id(msg.content.metric_records["metrics"]["client-id"])
+        except (KeyError, TypeError, InvalidReply):  # inf, NaN, 1e300, ...: validated (and refused) later
             pass
     return cid, int(msg.metadata.src_node_id)
 
 
 def check_train_reply(
     msg: Message, arrayrecord_key: str, template: Mapping[str, np.ndarray], num_adaptors: int,
-    max_examples: float | None,
+    max_examples: float | None, expected_client_id: int | None = None,
 ) -> tuple[TrainReply, ArrayRecord]:
     """Decode and validate one (non-error) train reply; raises InvalidReply (or ValueError /
     TypeError from decoding) when it must not be aggregated."""
@@ -53,9 +55,10 @@ def check_train_reply(
     if "metrics" not in msg.content.metric_records:
         raise InvalidReply("no MetricRecord 'metrics'")
     record = msg.content.array_records[arrayrecord_key]
-    arrays = {k: from_array(a) for k, a in record.items()}
+    arrays = decode_record(record, template)  # sizes checked before anything is allocated
     checked = validate_train_reply(
-        arrays, msg.content.metric_records["metrics"], template, num_adaptors, max_examples=max_examples
+        arrays, msg.content.metric_records["metrics"], template, num_adaptors, max_examples=max_examples,
+        expected_client_id=expected_client_id,
     )
     return checked, record
 
@@ -71,14 +74,18 @@ class FoldedReplies:
     rejected: int = 0
     answered: list[int] = field(default_factory=list)
     bytes_up: int = 0
+    first_rejection: str = ""  # "node N: why", for the message when nothing was accepted
 
 
 def fold_train_replies(
     replies: Iterable[Message], acc: FloralAccumulator, *, server_round: int, arrayrecord_key: str,
     template: Mapping[str, np.ndarray], num_adaptors: int, client_sizes: Mapping[int, float],
-    presummed: bool,
+    presummed: bool, client_ids: Mapping[int, int] | None = None,
 ) -> FoldedReplies:
-    """Add every valid reply, in :func:`reply_order`, to ``acc``; count and log the others."""
+    """Add every valid reply, in :func:`reply_order`, to ``acc``; count and log the others.
+
+    ``client_sizes``: node -> the server's cap on its num-examples (a node the server has no cap
+    for may not contribute); ``client_ids``: node -> the client id discovery recorded."""
     out = FoldedReplies()
     for msg in sorted(replies, key=reply_order):
         node = msg.metadata.src_node_id
@@ -88,13 +95,16 @@ def fold_train_replies(
             continue
         try:
             checked, record = check_train_reply(
-                msg, arrayrecord_key, template, num_adaptors, client_sizes.get(node)
+                msg, arrayrecord_key, template, num_adaptors, client_sizes.get(node, 0.0),
+                (client_ids or {}).get(node),
             )
-        except (InvalidReply, ValueError, TypeError) as exc:
+        except (InvalidReply, ValueError, TypeError, OverflowError) as exc:
             out.rejected += 1
+            out.first_rejection = out.first_rejection or f"node {node}: {exc}"
             log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, exc)
             continue
-        acc.add(checked.arrays, checked.num_examples, checked.adaptor_weights, presummed=presummed)
+        acc.add(checked.arrays, checked.num_examples, checked.adaptor_weights, presummed=presummed,
+                small=checked.small)
         out.bytes_up += record_nbytes(record)
         out.losses.append(checked.train_loss)
         out.weights.append(checked.num_examples)

@@ -21,6 +21,10 @@ Tasks (``TASK_NAMES``):
   parquet files (``data_dir``) or the hub (``.images``; data layout documented there). Offline,
   ``python -m floral_flwr.data prepare fashion-mnist|mnist-5k <dir>`` writes them (``.prepare``);
   on the 5,000-digit MNIST subset the ``mnist-*`` preset has 20 clients.
+* ``wordnet-label-shift``, ``wordnet-concept-shift`` (+ ``-reduced``): WordNet noun definitions
+  -> supersense on the pretrained MiniLM (``.text``; data ``.wordnet``, model ``.text_model``;
+  needs the ``[text]`` extra and Debian ``wordnet-base``; ``python -m floral_flwr.data prepare
+  wordnet <dir>`` writes the data).
 
 ``get_task(name, num_clients=20, seed=0, data_dir=None, data_path=None, **options)``:
 ``num_clients=None`` means the paper's K (``task.defaults["num-clients"]``). Options may be given
@@ -51,12 +55,13 @@ from typing import Any, Callable, Optional
 from .base import RUN_CONFIG_KEYS, ClientData, Task
 from .digits import DIGITS_NAMES
 from .synthetic import SYNTHETIC_NAMES
+from .text import TEXT_NAMES
 
 _IMAGE_BASE = ("mnist-rotate", "mnist-label-shift", "fmnist-rotate", "fmnist-label-shift",
                "cifar10-rotate", "cifar10-label-shift", "cifar100", "cifar100-bn", "cifar100-gn")
 IMAGE_NAMES = tuple(n for b in _IMAGE_BASE for n in (b, b + "-reduced"))
 
-TASK_NAMES: tuple[str, ...] = SYNTHETIC_NAMES + DIGITS_NAMES + IMAGE_NAMES
+TASK_NAMES: tuple[str, ...] = SYNTHETIC_NAMES + DIGITS_NAMES + IMAGE_NAMES + TEXT_NAMES
 
 __all__ = ["task_info", "TaskInfo", "get_task", "task_defaults", "TASK_NAMES", "Task", "ClientData", "RUN_CONFIG_KEYS",
            "clear_cache"]
@@ -108,6 +113,10 @@ def _get_task(name, num_clients, seed, data_dir, data_path, norm_opts, key) -> T
             from .digits import DigitsTask
 
             task = DigitsTask(name, num_clients, seed, **norm_opts)
+    elif name in TEXT_NAMES:
+        from .text import TextTask
+
+        task = TextTask(name, num_clients, seed, data_dir=data_dir, data_path=data_path, **norm_opts)
     else:
         from .images import ImageTask
 
@@ -145,6 +154,11 @@ def task_info(name: str, seed: int = 0, **options: Any) -> TaskInfo:
         dataset = dataset_of(name)
         c = options.get("num_clusters", options.get("num-clusters", PAPER_PRESETS[dataset][1]))
         return TaskInfo(name, "accuracy", int(c), lambda: model_for(name), image_defaults(name, c))
+    if name in TEXT_NAMES:  # no WordNet on the server: the model and the preset only
+        from .text import OPTION_DEFAULTS, text_defaults, text_model_factory
+
+        c = int(options.get("num_clusters", options.get("num-clusters", OPTION_DEFAULTS["num_clusters"])))
+        return TaskInfo(name, "accuracy", c, text_model_factory(name, **options), text_defaults(name, **options))
     task = get_task(name, num_clients=None, seed=seed, **options)  # embedded: cheap to build
     return TaskInfo(name, task.metric, task.num_clusters, task.build_model, dict(task.defaults))
 
@@ -160,6 +174,10 @@ def task_defaults(name: str, data_dir: Optional[str] = None, **options: Any) -> 
 
         c = options.get("num_clusters", options.get("num-clusters"))
         return image_defaults(name, c, data_variant(name, data_dir or None))
+    if name in TEXT_NAMES:
+        from .text import text_defaults
+
+        return text_defaults(name, **options)
     return dict(get_task(name, num_clients=None, **options).defaults)
 
 
@@ -169,9 +187,23 @@ def clear_cache() -> None:
     from . import digits
 
     digits._DIGITS.clear()
+    from . import text_model, wordnet
+
+    text_model.clear_cache()
+    wordnet.clear_cache()
     try:
         from . import images
 
         images.clear_cache()
     except ImportError:  # pragma: no cover
         pass
+
+
+def partition_sizes(name: str, num_clients: int, seed: int = 0) -> Optional[list[int]]:
+    """Every client's train size, computed from the task itself, or None when the server cannot
+    know it (image tasks: their data are on the clients). The server bounds each reply's weight
+    with it (:mod:`floral_flwr.strategy.bounds`) instead of trusting the client's count."""
+    if name in IMAGE_NAMES or name not in TASK_NAMES:
+        return None
+    task = get_task(name, num_clients=num_clients, seed=seed)  # embedded: the clients' own split
+    return [task.client_data(cid).num_train for cid in range(num_clients)]

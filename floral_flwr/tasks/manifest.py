@@ -6,6 +6,9 @@ have (``dataset``, a key of :data:`.sources.DATASETS`), what was prepared (``var
 ``fashion-mnist`` or ``mnist-5k``) and, per split, the row count, the image shape and the
 SHA-256 of the *decoded* arrays (the bytes of the C-ordered uint8 images and of the labels as
 little-endian int64), so a check is independent of how the parquet/PNG bytes were encoded.
+A text dataset (``wordnet``: one ``all`` split, the tasks partition it per seed) records
+``texts_sha256`` instead of ``images_sha256``: the SHA-256 of its texts, each UTF-8 encoded and
+NUL-terminated, in file order (:func:`text_digests`).
 
 A task that finds a manifest in its data directory verifies both splits once per process and
 file version (:func:`verify_split`); a mismatch raises :class:`DatasetChecksumError` naming the
@@ -31,10 +34,12 @@ __all__ = [
     "MANIFEST_FORMAT",
     "DatasetChecksumError",
     "array_digests",
+    "text_digests",
     "read_manifest",
     "manifest_dataset",
     "verify_split",
     "verify_prepared",
+    "verify_text_split",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -54,6 +59,17 @@ def array_digests(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     y = np.ascontiguousarray(labels, dtype="<i8")
     return {"rows": int(y.shape[0]), "image_shape": list(x.shape[1:]),
             "images_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
+            "labels_sha256": hashlib.sha256(y.tobytes()).hexdigest()}
+
+
+def text_digests(texts: list[str], labels: np.ndarray) -> dict[str, Any]:
+    """Row count and SHA-256 of decoded texts (UTF-8, each NUL-terminated) and their labels."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    y = np.ascontiguousarray(labels, dtype="<i8")
+    return {"rows": len(texts), "texts_sha256": h.hexdigest(),
             "labels_sha256": hashlib.sha256(y.tobytes()).hexdigest()}
 
 
@@ -81,11 +97,12 @@ def read_manifest(directory: Path) -> Optional[dict]:
     splits = doc.get("splits")
     ok = (isinstance(doc.get("dataset"), str) and isinstance(doc.get("variant"), str)
           and isinstance(splits, dict) and splits
-          and all(isinstance(s, dict) and {"file", "images_sha256", "labels_sha256"} <= set(s)
-                  for s in splits.values()))
+          and all(isinstance(s, dict) and {"file", "labels_sha256"} <= set(s)
+                  and ("images_sha256" in s or "texts_sha256" in s) for s in splits.values()))
     if not ok:
         raise ValueError(f"{path}: incomplete manifest (needs 'dataset', 'variant' and per split "
-                         f"'file', 'images_sha256', 'labels_sha256'); rebuild it with `python -m "
+                         f"'file', 'images_sha256' or 'texts_sha256', 'labels_sha256'); rebuild it "
+                         f"with `python -m "
                          f"floral_flwr.data prepare <name> {path.parent}`")
     return doc
 
@@ -103,6 +120,20 @@ def verify_split(directory: Path, split: str, images: np.ndarray, labels: np.nda
     with _LOCK:
         if file_key in _VERIFIED:
             return
+    _compare(directory, split, manifest, lambda: array_digests(images, labels))
+    with _LOCK:
+        _VERIFIED.add(file_key)
+
+
+def verify_text_split(directory: Path, split: str, texts: list[str], labels: np.ndarray,
+                      manifest: dict) -> None:
+    """Check decoded ``texts``/``labels`` of ``split`` against ``manifest`` (a text dataset is
+    read once per process by its task, so there is no per-file memo). Raises
+    :class:`DatasetChecksumError`."""
+    _compare(directory, split, manifest, lambda: text_digests(texts, labels))
+
+
+def _compare(directory: Path, split: str, manifest: dict, digests: Any) -> None:
     entry = manifest["splits"].get(split)
     path = Path(directory) / (entry["file"] if entry else f"{split}.parquet")
     rebuild = (f"the file was changed or damaged after `python -m floral_flwr.data prepare "
@@ -110,14 +141,12 @@ def verify_split(directory: Path, split: str, images: np.ndarray, labels: np.nda
     if entry is None:
         raise DatasetChecksumError(f"{path}: the manifest {Path(directory) / MANIFEST_NAME} "
                                    f"lists no {split!r} split; {rebuild}")
-    got = array_digests(images, labels)
-    for key in ("rows", "image_shape", "images_sha256", "labels_sha256"):
-        if key in entry and entry[key] != got[key]:
+    got = digests()
+    for key in ("rows", "image_shape", "images_sha256", "texts_sha256", "labels_sha256"):
+        if key in entry and key in got and entry[key] != got[key]:
             raise DatasetChecksumError(
                 f"{path}: checksum mismatch: decoded {key} is {got[key]}, the manifest "
                 f"{Path(directory) / MANIFEST_NAME} says {entry[key]}; {rebuild}")
-    with _LOCK:
-        _VERIFIED.add(file_key)
 
 
 def verify_prepared(root: Path, dataset: str, files: dict[str, Path],

