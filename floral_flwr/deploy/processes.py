@@ -309,16 +309,16 @@ def start_superlink(
                   {"address": f"{dial}:{port}", "fleet-address": f"{dial}:{port}", "tls": certs is not None,
                    "auth": auth}, tie_to_parent)
     wait_healthy(dial, port, health_timeout, proc, certs.ca if certs else None)
-    try:
+    try:  # companions are stopped in this order: the gateway first (no new requests), then the executor
+        if gateway:
+            proc.companions.append(_start_gateway(work, public_host, public_port, f"{dial}:{port}", certs,
+                                                  health_timeout, tie_to_parent))
         if executor == "warm":
             ecmd = [sys.executable, str(WARM_EXECUTOR), "--runtime-api-address", f"{dial}:{port}",
                     "--parent-pid", str(proc.pid), "--preload", ",".join(SERVER_PRELOAD), "--no-warm-app"]
             ecmd += ["--root-certificates", str(certs.ca)] if certs else ["--insecure"]
             proc.companions.append(_spawn(work, "superlink-exec", ecmd, env, {"superlink": proc.pid},
                                           tie_to_parent, log_name="superlink"))
-        if gateway:
-            proc.companions.append(_start_gateway(work, public_host, public_port, f"{dial}:{port}", certs,
-                                                  health_timeout, tie_to_parent))
     except BaseException:
         stop_proc(proc)
         raise
