@@ -1,17 +1,33 @@
-"""Loopback deployment vs simulation on digits-label-shift: time per round and bytes on the wire.
+"""Deployed round time on loopback, today's path vs the warm path, with simulation as reference;
+per-message ClientApp start-up; round time and wire bytes on shaped (edge-like) links.
 
-    python benchmarks/bench_deploy.py [--rounds 4] [--out /tmp/bench-deploy]
+    python benchmarks/bench_deploy.py [--rounds 7] [--out /tmp/bench-deploy] [--only 2|6|links]
 
-For each setting it runs the same run config twice:
-- deployment: a SuperLink + N SuperNodes (``floral_flwr.deploy.Deployment``), the SuperNodes
-  talking to the SuperLink through a byte-counting TCP proxy (everything on the wire: HTTP
-  framing, protobuf, heartbeats, discovery queries, evaluation);
-- simulation: ``python -m floral_flwr.launch`` (Ray) with the same number of clients.
+Every setting runs the same digits-label-shift run config (``aggregation='mean'``, evaluation
+only in the last round, ``num-threads=1``), so warm rounds 2..R-1 are training only (>= 5 with
+the default 7 rounds) and round R adds the evaluation:
 
-Settings: "2-node" = 2 SuperNodes hosting clients 0 and 1 of 4 (digits-label-shift has 4
-clusters, so it needs >= 4 clients) vs a 4-client simulation with fraction-train = fraction-
-evaluate = 0.5 (2 clients train and evaluate per round in both); "6-node" = 6 SuperNodes vs a
-6-client simulation. Prints a Markdown table (also written to ``<out>/results.md``).
+- **today**: Flower's own SuperExec (a fresh ``flwr-clientapp`` per message), the stock
+  ``flower-supernode`` (3 s idle wait), ``reply-poll=0`` (``send_and_receive``, 3 s pulls, one
+  wire object per array), SuperExec task poll 1 s (Flower's defaults);
+- **warm**: the deploy tooling's defaults (warm executor, 0.2 s node poll, task poll 0.1 s,
+  ``reply-poll=0.1`` with packed arrays);
+- **simulation**: ``python -m floral_flwr.launch`` (Ray) with the same clients.
+
+"evalfold": the warm path with an evaluation every 2nd round, folded into the next round's train
+messages (``fold-evaluation=true``, the default) vs a separate evaluate exchange (``false``); the
+mean of rounds 2..R-1 is then (training-only round + evaluation round) / 2.
+
+"2": 2 SuperNodes hosting clients 0, 1 of 4 (``fraction-train = fraction-evaluate = 0.5``: one
+client trains per round) vs a 4-client simulation; "6": 6 SuperNodes vs 6 simulated clients (all
+train). All SuperNodes talk to the SuperLink through a byte-counting loopback proxy. "nodewait": the warm
+path with the stock SuperNode waits (``--node-poll 0``: what the 3 s idle wait costs). "links":
+the warm path, 2 nodes, behind the proxy shaped as edge links (one-way delay and bandwidth per
+direction, no loss: this kernel has no ``tc netem``; ``tests/test_deploy_netns.py`` uses netem
+where the kernel has it). Per-message start-up: the warm executor logs, per message, the time
+from the fork to the ClientApp handler; a cold ``flwr-clientapp`` pays at least the imports,
+timed here as a fresh interpreter importing torch, Flower's ClientApp runtime and the app.
+Prints a Markdown report (also ``<out>/results.md``, raw numbers in ``<out>/results.json``).
 """
 
 from __future__ import annotations
@@ -20,9 +36,11 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,50 +48,82 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from floral_flwr.deploy.deployment import Deployment  # noqa: E402
+from floral_flwr.deploy.settings import NodeRuntime  # noqa: E402
+
+TODAY = NodeRuntime(executor="flower", node_poll=0, task_poll=1.0)
+WARM = NodeRuntime()
+WARM_STOCK_WAITS = NodeRuntime(node_poll=0)  # the warm executor with flower-supernode's own 3 s / 0.5 s waits
+LINKS = [(0.0, None), (0.025, 10e6), (0.05, 5e6), (0.1, 1e6)]  # one-way delay s, bit/s per direction
 
 
 def _cfg(out: Path, name: str, rounds: int, extra: str) -> str:
+    every = "" if "eval-every=" in extra else f"eval-every={rounds} "  # a key may appear once
     # one message per client and round ('mean'; secagg sends 4) unless the caller chooses
     aggregation = "" if "aggregation=" in extra else "aggregation='mean' "
-    return (f"task='digits-label-shift' num-server-rounds={rounds} eval-every={rounds} batch-size=16 "
-            f"output-dir='{out}' run-name='{name}' node-wait-timeout=300.0 reply-timeout=600.0 "
-            f"{aggregation}{extra}").strip()
+    return (f"task='digits-label-shift' num-server-rounds={rounds} {every}"
+            f"batch-size=16 num-threads=1 output-dir='{out}' run-name='{name}' node-wait-timeout=600.0 "
+            f"reply-timeout=600.0 {aggregation}{extra}").strip()
 
 
-def _per_round(run_dir: Path) -> dict:
+def _rounds(run_dir: Path) -> dict:
     rows = list(csv.DictReader((run_dir / "rounds.csv").open()))
-    secs = [float(r["round-s"]) for r in rows]
+    elapsed = [float(r["elapsed-s"]) for r in rows]
+    durations = [b - a for a, b in zip(elapsed, elapsed[1:])]  # round i+2, as the D check reads it
+    warm = durations[:-1]  # rounds 2..R-1: training only
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "rounds": len(rows),
-        "first-round-s": secs[0],
-        "median-round-s": statistics.median(secs[1:-1] or secs),  # warm training-only rounds
-        "last-round-s": secs[-1],  # includes the evaluation
+        "first-round-s": float(rows[0]["round-s"]),
+        "warm-rounds-s": [round(x, 3) for x in warm],
+        "median-warm-round-s": statistics.median(warm) if warm else None,
+        "mean-warm-round-s": statistics.mean(warm) if warm else None,
+        "eval-round-s": durations[-1] if durations else None,
+        "train-loss": [r["train-loss"] for r in rows],
         "payload-up": summary.get("bytes-up-per-round"),
         "payload-down": summary.get("bytes-down-per-round"),
-        "params": summary.get("parameters", summary.get("parameter-report")),
     }
 
 
-def deployment(out: Path, name: str, nodes: int, partitions: int, rounds: int, extra: str) -> dict:
+def _startups(work: Path) -> list[float]:
+    out = []
+    for log in sorted((work / "logs").glob("supernode-*.log")):
+        out += [float(x) for x in re.findall(r"ClientApp started ([0-9.]+) s after the fork", log.read_text())]
+    return out
+
+
+def deployment(out: Path, name: str, nodes: int, partitions: int, rounds: int, extra: str,
+               runtime: NodeRuntime, delay_s: float = 0.0, rate: float | None = None) -> dict:
     work = out / f"work-{name}"
     t0 = time.monotonic()
-    with Deployment(work, nodes, partitions, state_root=work / "state", proxy=True) as d:
-        run_id = d.submit(ROOT, _cfg(out, name, rounds, extra + f" min-available-nodes={nodes}"))
-        marks: dict[int, tuple[int, int]] = {}  # rounds recorded -> proxy byte counts at that time
+    poll = "" if runtime.executor == "warm" else "reply-poll=0"
+    with Deployment(work, nodes, partitions, state_root=work / "state", proxy=True, runtime=runtime,
+                    proxy_delay_s=delay_s, proxy_rate_bit_s=rate) as d:
+        d.wait_warm()
+        run_id = d.submit(ROOT, _cfg(out, name, rounds, f"{extra} {poll} min-available-nodes={nodes}"))
+        marks: dict[int, tuple[int, int]] = {}  # rounds recorded -> proxy byte counts at that moment
+        stop = threading.Event()
 
-        def on_poll(_status: str) -> None:
+        def watch() -> None:  # rounds.csv grows by one row per round: snapshot the proxy then
             p = out / name / "rounds.csv"
-            done = max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
-            marks.setdefault(done, d.byte_counter.snapshot())
+            while not stop.is_set():
+                done = max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
+                marks.setdefault(done, d.byte_counter.snapshot())
+                stop.wait(0.02)
 
-        status, details = d.wait(run_id, 3600, on_poll=on_poll)
-        up, down = d.byte_counter.snapshot() if d.byte_counter else (0, 0)
-    res = _per_round(out / name)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        status, _ = d.follow(run_id, 7200)
+        stop.set()
+        watcher.join()
+        up, down = d.byte_counter.snapshot()
+    res = _rounds(out / name)
     warm = [(marks[r + 1][0] - marks[r][0], marks[r + 1][1] - marks[r][1])
             for r in range(1, rounds - 1) if r in marks and r + 1 in marks]
+    starts = _startups(work)
     res.update(status=status, wall_s=time.monotonic() - t0, wire_up=up, wire_down=down,
-               warm_wire=[statistics.median(x) for x in zip(*warm)] if warm else None)
+               warm_wire=[statistics.median(x) for x in zip(*warm)] if warm else None,
+               startup_median_s=statistics.median(starts[1:]) if len(starts) > 1 else None,
+               startup_n=len(starts))
     return res
 
 
@@ -82,45 +132,89 @@ def simulation(out: Path, name: str, clients: int, rounds: int, extra: str) -> d
     p = subprocess.run([sys.executable, "-m", "floral_flwr.launch", "--num-supernodes", str(clients),
                         "--work-dir", str(out / f"work-{name}"),
                         "--run-config", _cfg(out, name, rounds, extra + f" min-available-nodes={clients}")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=3600)
-    res = _per_round(out / name)
+                       cwd=ROOT, capture_output=True, text=True, timeout=7200)
+    res = _rounds(out / name)
     res.update(status="finished:completed" if p.returncode == 0 else f"rc {p.returncode}",
                wall_s=time.monotonic() - t0)
     return res
 
 
+def cold_import_s(repeats: int = 3) -> float:
+    """What every cold ``flwr-clientapp`` pays before its handler: a fresh interpreter importing
+    torch, Flower's ClientApp runtime and the app (median of ``repeats``)."""
+    code = ("import time; t = time.monotonic(); import torch, torch.optim, torch._dynamo; "
+            "import flwr.supernode.runtime.run_clientapp; import client_app; print(time.monotonic() - t)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runs = [float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=600, check=True).stdout.split()[-1]) for _ in range(repeats)]
+    return statistics.median(runs)
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def report(results: dict, cold: float | None, started: float) -> str:
+    load = os.getloadavg()
+    lines = [f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
+             f"benchmark wall time {(time.monotonic() - started) / 60:.0f} min", ""]
+    if cold is not None:
+        lines += [f"cold ClientApp imports (fresh interpreter: torch + Flower's ClientApp runtime + the app): "
+                  f"{cold:.2f} s", ""]
+    lines += ["| setting | status | round 1 s | warm rounds s (2..R-1) | median warm round s | eval round s | "
+              "mean s | ClientApp start-up s (median, n) | payload up/down per round | wire up/down, warm round | train losses |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in results.items():
+        warm = r.get("warm_wire")
+        wire = f"{warm[0]:,.0f} / {warm[1]:,.0f}" if warm else ("n/a (in-process)" if "wire_up" not in r else "n/a")
+        start = (f"{_fmt(r['startup_median_s'], 3)} ({r['startup_n']})" if r.get("startup_median_s") is not None
+                 else ("cold process" if "wire_up" in r else "n/a"))
+        lines.append(f"| {k} | {r['status']} | {_fmt(r['first-round-s'], 1)} | {r['warm-rounds-s']} | "
+                     f"**{_fmt(r['median-warm-round-s'])}** | {_fmt(r['eval-round-s'])} | {_fmt(r['mean-warm-round-s'])} | {start} | "
+                     f"{r['payload-up']:,.0f} / {r['payload-down']:,.0f} | {wire} | "
+                     f"{', '.join(x[:8] for x in r['train-loss'])} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default="/tmp/bench-deploy")
-    ap.add_argument("--only", choices=["2", "6"], default=None)
+    ap.add_argument("--only", choices=["2", "6", "6warm", "links", "nodewait", "evalfold"], default=None)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results = {}
+    started = time.monotonic()
+    results: dict[str, dict] = {}
+    cold = cold_import_s() if a.only in (None, "2") else None
+    half = "fraction-train=0.5 fraction-evaluate=0.5"
     if a.only in (None, "2"):
-        results["2-node deployment"] = deployment(out, "dep2", 2, 4, a.rounds, "")
-        results["2-of-4 simulation"] = simulation(out, "sim2", 4, a.rounds, "fraction-train=0.5 fraction-evaluate=0.5")
+        results["2 nodes, today"] = deployment(out, "today2", 2, 4, a.rounds, half, TODAY)
+        results["2 nodes, warm"] = deployment(out, "warm2", 2, 4, a.rounds, half, WARM)
+        results["2-of-4 simulation"] = simulation(out, "sim2", 4, a.rounds, half)
     if a.only in (None, "6"):
-        results["6-node deployment"] = deployment(out, "dep6", 6, 6, a.rounds, "")
+        results["6 nodes, today"] = deployment(out, "today6", 6, 6, a.rounds, "", TODAY)
+    if a.only in (None, "6", "6warm"):
+        results["6 nodes, warm"] = deployment(out, "warm6", 6, 6, a.rounds, "", WARM)
+    if a.only in (None, "6"):
         results["6-client simulation"] = simulation(out, "sim6", 6, a.rounds, "")
-    load = os.getloadavg()
-    lines = [f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", "",
-             "| setting | status | wall s | round 1 s | median warm round s | last round (with eval) s | "
-             "payload up/down per round (summary.json) | wire up/down per round, whole run (proxy) | "
-             "wire up/down, warm training round (proxy) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for k, r in results.items():
-        wire = (f"{r['wire_up'] / r['rounds']:,.0f} / {r['wire_down'] / r['rounds']:,.0f}"
-                if "wire_up" in r else "n/a (in-process)")
-        warm = (f"{r['warm_wire'][0]:,.0f} / {r['warm_wire'][1]:,.0f}" if r.get("warm_wire") else "n/a")
-        lines.append(f"| {k} | {r['status']} | {r['wall_s']:.0f} | {r['first-round-s']:.1f} | "
-                     f"{r['median-round-s']:.1f} | {r['last-round-s']:.1f} | "
-                     f"{r['payload-up']:,.0f} / {r['payload-down']:,.0f} | {wire} | {warm} |")
-    text = "\n".join(lines)
+    if a.only in (None, "evalfold"):  # every 2nd round evaluates: folded into the next round vs separate
+        for fold in ("true", "false"):
+            results[f"2 nodes, warm, eval-every=2, fold-evaluation={fold}"] = deployment(
+                out, f"evalfold-{fold}", 2, 4, a.rounds, f"{half} eval-every=2 fold-evaluation={fold}", WARM)
+    if a.only in (None, "nodewait"):  # what the SuperNode's fixed 3 s idle wait costs on its own
+        results["2 nodes, warm executor, stock SuperNode waits"] = deployment(out, "nodewait2", 2, 4, a.rounds, half,
+                                                                             WARM_STOCK_WAITS)
+    if a.only in (None, "links"):
+        for delay, rate in LINKS:
+            label = f"2 nodes, warm, link {delay * 1000:.0f} ms one way, " + (
+                f"{rate / 1e6:g} Mbit/s" if rate else "unlimited")
+            results[label] = deployment(out, f"link{int(delay * 1000)}", 2, 4, a.rounds, half, WARM, delay, rate)
+    text = report(results, cold, started)
     print(text)
-    (out / "results.md").write_text(text + "\n\n```json\n" + json.dumps(results, indent=1, default=str) + "\n```\n")
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"cold-import-s": cold, **results}, indent=1, default=str))
     return 0
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from floral_flwr.config_values import (  # noqa: F401  (ConfigError, nearest, RANK_WORDS: public here too)
+    RANK_WORDS,
+    ConfigError,
     _as_bool,
     _as_choice,
     _as_float,
@@ -32,12 +34,11 @@ from floral_flwr.config_values import (  # noqa: F401  (ConfigError, nearest, RA
     _as_rank,
     _as_text,
     _as_trim_fraction,
-    ConfigError,
     _err,
     _hint,
+    as_reply_poll,
     is_valid_run_name,
     nearest,
-    RANK_WORDS,
 )
 
 # Names of the choices are kept here (not imported from the strategy/method modules) so that
@@ -97,6 +98,12 @@ DEFAULTS: dict[str, Any] = {
     "min-available-nodes": 2,
     "node-wait-timeout": 120.0,
     "reply-timeout": 600.0,
+    # s between the server's pulls for replies (0 = Flower's send_and_receive, every 3 s, with
+    # one wire object per array); see floral_flwr/strategy/exchange.py
+    "reply-poll": 0.1,
+    # an evaluation round's evaluation rides on the next round's train messages (same numbers,
+    # one message per client instead of two); see floral_flwr/strategy/eval_fold.py
+    "fold-evaluation": True,
     # local training
     "local-epochs": AUTO,
     "batch-size": AUTO,
@@ -175,6 +182,8 @@ KEY_HELP: dict[str, str] = {
     "min-available-nodes": "wait for this many connected nodes before a round",
     "node-wait-timeout": "seconds to wait for nodes before stopping with an error",
     "reply-timeout": "seconds to wait for the replies of one round",
+    "reply-poll": "seconds between the server's pulls for replies (0 = Flower's 3 s send_and_receive)",
+    "fold-evaluation": "evaluate with the next round's train message (same numbers, one message per client); plaintext aggregation (mean, sum-only) only: under secagg evaluation stays a separate exchange",
     "local-epochs": "local epochs per round",
     "batch-size": "local batch size",
     "lr": "client SGD learning rate of the shared weights",
@@ -240,6 +249,8 @@ class RunConfig:
     min_available_nodes: int
     node_wait_timeout: float
     reply_timeout: float
+    reply_poll: float
+    fold_evaluation: bool
     local_epochs: int
     batch_size: int
     lr: float
@@ -335,6 +346,8 @@ READERS: dict[str, Callable[[str, Any], Any]] = {
     "min-available-nodes": lambda k, v: _as_int(k, v, 1),
     "node-wait-timeout": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
     "reply-timeout": lambda k, v: _as_float(k, v, 0.0, lo_open=True),
+    "reply-poll": as_reply_poll,
+    "fold-evaluation": _as_bool,
     "local-epochs": lambda k, v: _as_int(k, v, 1),
     "batch-size": lambda k, v: _as_int(k, v, 1),
     "lr": lambda k, v: _as_float(k, v, 0.0, lo_open=True),

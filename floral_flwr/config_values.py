@@ -154,6 +154,14 @@ def _as_text(allowed: str, ok: Callable[[str], bool]) -> Callable[[str, Any], st
     return read
 
 
+def as_reply_poll(key: str, value: Any) -> float:
+    """0 (Flower's own 3 s loop) or 0.01..10 s."""
+    poll = _as_float(key, value, 0.0, 10.0)
+    if 0.0 < poll < 0.01:
+        raise _err(key, value, "0 (Flower's send_and_receive) or a number in [0.01, 10] seconds")
+    return poll
+
+
 def _as_num_shares(key: str, value: Any) -> int:
     """secagg-num-shares: 0 (automatic) or an odd integer >= 3 (SecAgg+ neighbourhoods are
     symmetric around a client, so their size is odd)."""

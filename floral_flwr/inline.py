@@ -63,6 +63,8 @@ class InlineGrid(Grid):
         bound (~10 GB over a 500-round, 300-client MNIST-sized run).
     """
 
+    # the strategy's exchange() calls send_and_receive directly: nothing to poll, no wire
+    in_process = True
     simulated = True  # every node is set up by whoever runs the server (floral_flwr.server.is_simulated)
 
     def __init__(

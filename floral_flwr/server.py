@@ -41,6 +41,7 @@ from floral_flwr.results import RunRecorder
 from floral_flwr.rundir import (Checkpoints, CheckpointWriteError, NonFiniteState, RunFailed, claim_run_dir,
                                finished_summary)
 from floral_flwr.strategy.bounds import ExampleCaps
+from floral_flwr.strategy.exchange import exchange
 from floral_flwr.strategy.floral_strategy import FloralStrategy
 from floral_flwr.strategy.masked_sum import check_flower_version
 from floral_flwr.strategy.nodes import ClientSetupError
@@ -170,7 +171,7 @@ def export_models(grid: Grid, strategy: FloralStrategy, recorder: RunRecorder,
         for n in grid.get_node_ids()
     ]
     done = 0
-    for reply in grid.send_and_receive(msgs, timeout=cfg.reply_timeout):
+    for reply in exchange(grid, msgs, cfg.reply_timeout, cfg.reply_poll):
         if not reply.has_error() and int(reply.content["metrics"].get("exported", 0)):
             done += 1
         elif reply.has_error():
@@ -240,6 +241,8 @@ def _run_prepared(grid: Grid, cfg: RunConfig, task: Any, handle: Any, recorder: 
         client_lr=cfg.lr,
     )
     strategy.sum_only = cfg.aggregation == "sum-only"
+    strategy.reply_poll = cfg.reply_poll
+    strategy.fold_evaluation = cfg.fold_evaluation  # plaintext aggregation only (FloralStrategy.folds_evaluation)
     strategy.set_robustness(cfg.robust, cfg.clip_norm, cfg.trim_fraction, caps=example_caps(cfg))
     if cfg.aggregation == "secagg":
         strategy.secure = SecureOptions(SecAggSettings.from_config(cfg), num_clusters=int(task.num_clusters or 0),

@@ -16,7 +16,7 @@ from floral_flwr import deploy
 from floral_flwr.deploy import DeployError
 from floral_flwr.deploy.cli import _parse_node_config
 from floral_flwr.deploy.processes import _is_zombie, _spawn
-from floral_flwr.deploy.settings import _env
+from floral_flwr.deploy.settings import NodeRuntime, _env
 from floral_flwr.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,8 @@ def test_node_config_errors_name_the_setting(tmp_path):
     deploy.check_node_config({"partition-id": 1, "num-partitions": 2, "state-dir": str(tmp_path / "ok")})
     with pytest.raises(DeployError, match="'data-path'"):  # checked before a process starts
         deploy.start_supernode(tmp_path, 0, "127.0.0.1:1", {"data-path": "/does/not/exist"})
+    with pytest.raises(DeployError, match="'state-dir'"):
+        deploy.check_node_config({"partition-id": 1, "num-partitions": 2})
 
 
 def test_node_config_is_formatted_as_toml():
@@ -125,11 +127,15 @@ def test_byte_counting_proxy_forwards_and_counts():
         srv.close()
 
 
-def test_unreachable_superlink_ends_the_supernode_in_bounded_time(tmp_path):
+@pytest.mark.parametrize("runtime", [NodeRuntime(), NodeRuntime(executor="flower", node_poll=0)],
+                         ids=["warm-executor", "flower-superexec"])
+def test_unreachable_superlink_ends_the_supernode_in_bounded_time(tmp_path, runtime):
     t0 = time.monotonic()
     proc = deploy.start_supernode(tmp_path, 0, f"127.0.0.1:{free_port()}",
                                   {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "s")},
-                                  max_wait_time=3)
+                                  max_wait_time=3, runtime=runtime)
+    started = [proc.pid, *(c.pid for c in proc.companions)]
+    assert len(proc.companions) == (runtime.executor == "warm")  # the warm executor is a companion
     try:
         proc.popen.wait(timeout=90)
     finally:
@@ -137,6 +143,19 @@ def test_unreachable_superlink_ends_the_supernode_in_bounded_time(tmp_path):
     assert proc.popen.returncode != 0 and time.monotonic() - t0 < 90
     log = proc.log.read_text()
     assert "could not establish a connection to the SuperLink" in log
+    assert not [p for p in started if Path(f"/proc/{p}").exists() and not _is_zombie(p)]  # nothing left
+    assert not list((tmp_path / "pids").glob("*.pid"))
+
+
+def test_a_node_without_state_dir_is_refused_before_it_starts(tmp_path):
+    with pytest.raises(DeployError, match="needs a 'state-dir'.*--state-dir DIR"):
+        deploy.start_supernode(tmp_path, 0, "127.0.0.1:1", {"partition-id": 0, "num-partitions": 2})
+    assert not (tmp_path / "pids").exists()
+    out = subprocess.run([sys.executable, "-m", "floral_flwr.deploy", "supernode", "--work", str(tmp_path),
+                          "--index", "0", "--superlink", "127.0.0.1:1", "--partition-id", "0",
+                          "--num-partitions", "2"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and "needs a 'state-dir'" in out.stderr
+    assert not (tmp_path / "pids").exists()
 
 
 def test_cli_reports_bad_settings_with_exit_code_2(tmp_path):
@@ -157,7 +176,7 @@ def test_a_throw_away_deployment_dies_with_its_parent(tmp_path):
         "import sys, time\n"
         "from pathlib import Path\n"
         "from floral_flwr.deploy.processes import _spawn\n"
-        "from floral_flwr.deploy.settings import _env\n"
+        "from floral_flwr.deploy.settings import NodeRuntime, _env\n"
         "p = _spawn(Path(sys.argv[1]), 'x', [sys.executable, '-c', 'import time; time.sleep(300)'],"
         " _env(), {}, tie_to_parent=True)\n"
         "print(p.pid, flush=True)\n"

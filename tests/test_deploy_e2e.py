@@ -188,7 +188,7 @@ def test_tls_and_supernode_auth_end_to_end(tmp_path):
         mistrust = deploy.start_supernode(d.work, 2, d.address, {"partition-id": 2, "num-partitions": 4,
                                                                  "state-dir": str(tmp_path / "s2")},
                                           ca=wrong.ca, max_wait_time=5)
-        seen += _tree(d) + [intruder.pid, mistrust.pid]
+        seen += _tree(d) + [p.pid for x in (intruder, mistrust) for p in (x, *x.companions)]
         try:
             assert intruder.popen.wait(timeout=120) != 0
             assert mistrust.popen.wait(timeout=120) != 0

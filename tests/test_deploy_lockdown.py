@@ -209,6 +209,6 @@ def test_a_run_through_the_fleet_gateway_with_tls_and_auth(tmp_path):
                f"min-available-nodes=2 node-wait-timeout=120.0 reply-timeout=120.0")
         run_id = d.submit(root, cfg)  # the flwr CLI talks to the loopback Control API
         status, details = d.wait(run_id, 420)
-        gateway = d.superlink.companions[0]
+        gateway = next(c for c in d.superlink.companions if c.name == "fleet-gateway")  # (also: the warm executor)
     assert status == "finished:completed", (status, details, d.run_log(run_id)[-3000:])
     assert "fleet gateway on" in gateway.log.read_text()

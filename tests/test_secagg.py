@@ -340,7 +340,9 @@ def test_untested_flower_version_stops_before_round_1(tmp_path, monkeypatch):
 
 
 def test_report_mixtures_in_deployment_needs_the_acknowledgement(tmp_path):
-    cfg = _cfg(tmp_path, "deploy", **{"report-mixtures": True, "num-server-rounds": 1, "eval-every": 1})
+    # reply-poll 0: the grid below has only send_and_receive (the exchange's push/pull is tested elsewhere)
+    cfg = _cfg(tmp_path, "deploy", **{"report-mixtures": True, "num-server-rounds": 1, "eval-every": 1,
+                                      "reply-poll": 0})
     inner = InlineGrid(make_client_app(cfg), NUM_CLIENTS)
     with pytest.raises(ConfigError, match="'report-mixtures-acknowledged'"):
         run_server(_DeploymentLikeGrid(inner), cfg)

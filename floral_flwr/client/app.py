@@ -10,12 +10,14 @@ from flwr.clientapp import ClientApp
 
 from floral_flwr.client import handlers
 from floral_flwr.client.secure import make_secure_mod
+from floral_flwr.wire import packed_arrays_mod
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``overrides`` are merged over the run config (tests with ``run_simulation``,
     whose run config is empty)."""
-    app = ClientApp()
+    # the server packs each message's arrays into one wire object (floral_flwr.strategy.exchange)
+    app = ClientApp(mods=[packed_arrays_mod])
     extra = dict(overrides or {})
 
     def _cfg(context: Context) -> dict[str, Any]:

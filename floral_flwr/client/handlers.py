@@ -33,6 +33,7 @@ from floral_flwr.client.setup import (  # noqa: F401 - SETUP_STATS, _SETUPS, eng
 from floral_flwr.client.state_store import DEFAULT_RUN_KEY, StateDir, accept_suggested_dir, node_state_root
 from floral_flwr.fileio import save_npz
 from floral_flwr.strategy.aggregate import scale_for_sum
+from floral_flwr.strategy.eval_fold import EVAL_RECORD, EVAL_ROUND_KEY
 from floral_flwr.methods.training import evaluate_local, seed_for, seed_torch
 from floral_flwr.config import RunConfig
 from floral_flwr.holdout import holdout_clients
@@ -265,7 +266,12 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
             "secure aggregation, but got a plaintext train request (allowed for plaintext replies: "
             "aggregation 'mean' or 'sum-only')"
         )
-    local = train_once(context, msg.content["config"], msg.content["arrays"], run_config, setup)
+    config = msg.content["config"]
+    # the previous round's evaluation, folded into this message (floral_flwr.strategy.eval_fold):
+    # done first, from the same shared and private state; training below reloads both
+    evaluated = (evaluate_personalized(setup, context, msg, int(config[EVAL_ROUND_KEY]))
+                 if EVAL_ROUND_KEY in config else None)
+    local = train_once(context, config, msg.content["arrays"], run_config, setup)
     metrics = local.metrics
     if local.adaptor_weights is not None:
         metrics["adaptor-weights"] = local.adaptor_weights
@@ -275,6 +281,8 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
                                local.adaptor_weights)
         arrays = ArrayRecord({k: to_array(v) for k, v in scaled.items()})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    if evaluated is not None:
+        content[EVAL_RECORD] = MetricRecord(evaluated)
     fault = context.node_config.get("fault")
     if fault:  # TEST ONLY: deliberate bad replies for the fault tests (floral_flwr/client/faults.py)
         from floral_flwr.client.faults import inject_fault
@@ -285,10 +293,18 @@ def handle_train(msg: Message, context: Context, run_config: Mapping[str, Any] |
 
 def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any] | None = None) -> Message:
     setup = get_setup(context, run_config)
+    config = msg.content["config"]
+    metrics = evaluate_personalized(setup, context, msg, int(config["server-round"]))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def evaluate_personalized(setup: ClientSetup, context: Context, msg: Message, rnd: int) -> dict[str, Any]:
+    """This client's personalized metrics after round ``rnd``: the message's shared state with
+    the private state saved in round ``rnd`` (an evaluate message, or a train message of round
+    ``rnd + 1`` that evaluates first, see :mod:`floral_flwr.strategy.eval_fold`)."""
     cfg = setup.cfg
     cid, _ = client_identity(context)
     config = msg.content["config"]
-    rnd = int(config["server-round"])
     store = open_store(context, setup, cid, config)
     _load_shared(setup, msg)
     # evaluation after round r uses the state saved in round r
@@ -332,7 +348,7 @@ def handle_evaluate(msg: Message, context: Context, run_config: Mapping[str, Any
             metrics["mixture"] = mix
         elif cfg.aggregation != "secagg":  # 'mean' reveals n_k p_k anyway: the argmax in plaintext
             metrics["assigned-adaptor"] = assigned
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return metrics
 
 
 def export_personalized(setup: ClientSetup, context: Context, msg: Message, cid: int) -> str | None:

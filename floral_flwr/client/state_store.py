@@ -14,8 +14,9 @@ restarts and new runs:
   is reported with a warning and the client starts fresh instead of crashing or using garbage.
 - Versioned by round: the state saved after round t is ``round-<t>``; training round t loads the
   newest version saved before t. A run killed mid-round and resumed therefore restarts each
-  client from exactly the state the uninterrupted run would have used. The two newest versions
-  are kept.
+  client from exactly the state the uninterrupted run would have used. The three newest versions
+  are kept (``KEEP_VERSIONS``: with a folded evaluation the server's last checkpoint can be two
+  rounds behind).
 - Namespaced by app and run (:func:`node_state_root`): a node's ``state-dir`` holds
   ``floral-flwr/<run>/client-<id>/``, ``<run>`` being the server's run directory name (the same
   when a run is resumed, different for every new run), so two runs, or another Flower app on
@@ -44,7 +45,10 @@ from floral_flwr.fileio import atomic_write_bytes, npz_bytes
 logger = logging.getLogger("floral_flwr")
 
 _FILE_RE = re.compile(r"^round-(\d{6})\.npz$")
-KEEP_VERSIONS = 2
+# versions kept: a resumed run restarts after the server's last checkpoint, which can trail this
+# client's newest save by two rounds when the evaluation is folded (round r is recorded only once
+# round r+1's exchange is in; a crash then redoes round r, which needs the state saved in r-1)
+KEEP_VERSIONS = 3
 APP_NAMESPACE = "floral-flwr"  # first level under a node's state-dir: this app's files only
 DEFAULT_RUN_KEY = "default"  # messages of a server that names no run
 RUN_MARKER = ".floral-run"  # written by the server in every run directory (floral_flwr.rundir)

@@ -10,9 +10,15 @@ in ``deploy/README.md``). The package, by responsibility:
                     until healthy, stop/kill exactly those processes and their descendants
 - ``connection``    the ``flwr`` CLI connection file and calls: register, submit, status, log, stop
 - ``deployment``    ``Deployment``: a throw-away loopback deployment for tests and benchmarks
-- ``proxy``         ``ByteCountingProxy``: counts the bytes between SuperNodes and the SuperLink
+- ``proxy``         ``ByteCountingProxy``: counts the bytes between SuperNodes and the SuperLink,
+                    and can shape that link (delay, bandwidth)
 - ``gateway``       ``FleetGateway``: the only part of a SuperLink facing the network (Fleet API
                     calls only; the Control API stays on 127.0.0.1)
+- ``warm_executor`` the fork-server executor (torch and the app imported once, one forked child
+                    per message) for SuperNodes and the SuperLink in ``--isolation process``
+- ``node_waits``    ``flower-supernode`` with its fixed 3 s / 0.5 s waits shortened while a round is on
+- ``flwr_pins``     the flwr versions whose internals those two use, and the check at start
+- ``labnet``        SuperNodes in their own network namespaces over veth pairs, ``tc`` shaping
 - ``cli``           the command line (``main``); ``__main__`` runs it
 
 The names below are re-exported so ``from floral_flwr.deploy import X`` keeps working; the

@@ -37,8 +37,12 @@ Security notes
 from __future__ import annotations
 
 import argparse
+import csv
 import os
+import re
 import shlex
+import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -46,10 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from floral_flwr.deploy.certificates import Certs, make_certs
-from floral_flwr.deploy.connection import fetch_log, register_supernode, stop_run, submit, wait_run, write_connection
+from floral_flwr.deploy.connection import follow_run, print_line, register_supernode, stop_run, submit, write_connection
 from floral_flwr.deploy.deployment import Deployment
 from floral_flwr.deploy.processes import start_superlink, start_supernode, stop_all
-from floral_flwr.deploy.settings import DeployError, format_node_config
+from floral_flwr.deploy.settings import EXECUTORS, DeployError, NodeRuntime, format_node_config
 
 # The module docstring above is the ``--help`` text; the modules themselves are listed in
 # ``floral_flwr/deploy/__init__.py``.
@@ -80,7 +84,9 @@ def _cmd_certs(a: argparse.Namespace) -> int:
 
 def _cmd_superlink(a: argparse.Namespace) -> int:
     certs = Certs(Path(a.certs)) if a.certs else None
-    proc = start_superlink(a.work, a.host, a.port, certs, a.auth, a.database, a.allow_insecure_remote)
+    NodeRuntime(executor=a.executor, task_poll=a.task_poll).check()
+    proc = start_superlink(a.work, a.host, a.port, certs, a.auth, a.database, a.allow_insecure_remote,
+                           task_poll=a.task_poll, executor=a.executor)
     cli = write_connection(a.work, proc.info["address"], certs.ca if certs else None)
     where = (f"Control API on {proc.info['address']} (this host only), Fleet gateway on "
              f"{a.host}:{proc.info['fleet-address'].rsplit(':', 1)[1]}" if proc.info.get("fleet-gateway")
@@ -101,7 +107,8 @@ def _cmd_supernode(a: argparse.Namespace) -> int:
         nc["state-dir"] = os.path.abspath(a.state_dir)
     proc = start_supernode(a.work, a.index, a.superlink, nc, a.port, ca=Path(a.root_certificates) if a.root_certificates else None,
                            auth_key=Path(a.auth_key) if a.auth_key else None,
-                           max_wait_time=a.max_wait_time or None, allow_insecure_remote=a.allow_insecure_remote)
+                           max_wait_time=a.max_wait_time or None, allow_insecure_remote=a.allow_insecure_remote,
+                           runtime=_runtime(a))
     time.sleep(2.0)
     if not proc.alive():
         print(proc.log.read_text(errors="replace")[-1500:], file=sys.stderr)
@@ -125,15 +132,38 @@ def _cmd_run(a: argparse.Namespace) -> int:
     if not (cli / "config.toml").exists():
         raise DeployError(f"no connection in '{cli}': pass --superlink HOST:PORT (and --root-certificates)")
     run_id = submit(a.app, cli, a.run_config)
-    print(f"[deploy] started run {run_id}; waiting for its status (at most {a.timeout:g} s)", flush=True)
-    status, details = wait_run(cli, run_id, a.timeout)
+    print(f"[deploy] started run {run_id}; its output follows (at most {a.timeout:g} s; Ctrl-C stops the run)",
+          flush=True)
+    try:
+        status, details, text = follow_run(cli, run_id, a.timeout, on_line=print_line)
+    except KeyboardInterrupt:
+        stop_run(cli, run_id)
+        print(f"\n[deploy] interrupted: run {run_id} stopped", flush=True)
+        return 130
     log = Path(a.work) / "logs" / f"run-{run_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(fetch_log(cli, run_id))
+    log.write_text(text)
     if status.startswith("timeout"):
         stop_run(cli, run_id)
-    print(f"[deploy] run {run_id}: {status} {details}".rstrip() + f" (log {log})", flush=True)
+    print(run_summary(run_id, status, details, text, log), flush=True)
     return 0 if status == "finished:completed" else 1
+
+
+def run_summary(run_id: str, status: str, details: str, log_text: str, log: Path) -> str:
+    """The closing lines: the run's status (as ``launch`` prints it) and, when the ServerApp
+    wrote its results, rounds done, the median warm round time and where the results are."""
+    lines = [f"[deploy] run {run_id}: {status} {details if status != 'finished:completed' else ''}".rstrip()
+             + f" (log {log})"]
+    m = re.search(r"\[floral\] (?:.* \| )?run directory: (.+)", log_text)  # the ServerApp's first line
+    rounds_csv = Path(m.group(1).strip()) / "rounds.csv" if m else None
+    if rounds_csv is not None and rounds_csv.is_file():
+        rows = list(csv.DictReader(rounds_csv.open()))
+        secs = [float(r["round-s"]) for r in rows if r.get("round-s")]
+        if secs:
+            warm = secs[1:] or secs
+            lines.append(f"[deploy] {len(rows)} round(s); round time median {statistics.median(warm):.2f} s "
+                         f"(rounds 2..{len(rows)}), first round {secs[0]:.2f} s; results in {rounds_csv.parent}")
+    return "\n".join(lines)
 
 
 def _cmd_stop(a: argparse.Namespace) -> int:
@@ -142,21 +172,47 @@ def _cmd_stop(a: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime(a: argparse.Namespace) -> NodeRuntime:
+    return NodeRuntime(executor=a.executor, node_poll=a.node_poll, task_poll=a.task_poll)
+
+
 def _cmd_local(a: argparse.Namespace) -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="floral-deploy-"))
+    runtime = _runtime(a)
+    runtime.check()  # before anything is made or started
     certs = make_certs(work / "certs", a.num_supernodes) if (a.tls or a.auth) else None
     state = Path(a.state_root).resolve() if a.state_root else work / "state"
-    with Deployment(work, a.num_supernodes, a.num_partitions, certs=certs, auth=a.auth, state_root=state, proxy=a.count_bytes) as d:
+    log = work / "logs" / "run.log"
+    with Deployment(work, a.num_supernodes, a.num_partitions, certs=certs, auth=a.auth, state_root=state,
+                    proxy=a.count_bytes, runtime=runtime) as d:
         print(f"[deploy] SuperLink {d.address} ({'TLS' if certs else 'insecure, loopback only'}"
-              f"{', SuperNode auth' if a.auth else ''}), {a.num_supernodes} SuperNodes; work dir {work}", flush=True)
+              f"{', SuperNode auth' if a.auth else ''}), {a.num_supernodes} SuperNodes ({runtime.describe()}); "
+              f"work dir {work}", flush=True)
+        d.wait_warm()
         run_id = d.submit(a.app, a.run_config)
-        print(f"[deploy] started run {run_id}", flush=True)
-        status, details = d.wait(run_id, a.timeout)
+        print(f"[deploy] started run {run_id}; its output follows (Ctrl-C stops everything)", flush=True)
+        status, details = d.follow(run_id, a.timeout, on_line=print_line)
+        log = work / "logs" / f"run-{run_id}.log"
         if d.byte_counter is not None:
             up, down = d.byte_counter.snapshot()
             print(f"[deploy] bytes on the wire (SuperNodes<->SuperLink): up {up}, down {down}")
-    print(f"[deploy] run {run_id}: {status} {details}".rstrip() + f" (log {work / 'logs' / f'run-{run_id}.log'})")
+    print(run_summary(run_id, status, details, d.run_log(run_id), log), flush=True)
     return 0 if status == "finished:completed" else 1
+
+
+def _add_runtime_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--executor", choices=EXECUTORS, default="warm",
+                   help="warm: SuperNodes in --isolation process with our fork-server executor (torch and "
+                        "the app imported once; one forked process per message); flower: Flower's own SuperExec")
+    c.add_argument("--node-poll", type=float, default=NodeRuntime.node_poll,
+                   help="SuperNode idle wait while a round is on, s (0 = Flower's fixed 3 s)")
+    c.add_argument("--task-poll", type=float, default=NodeRuntime.task_poll,
+                   help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL, s (Flower's default 1)")
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # SIGTERM/SIGINT become exceptions, so the `with Deployment` blocks stop what they started
+    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--auth", action="store_true", help="enable SuperNode authentication (needs --certs)")
     c.add_argument("--database", default=None, help="SQLite file for the SuperLink state (default: in memory)")
     c.add_argument("--allow-insecure-remote", action="store_true")
+    c.add_argument("--task-poll", type=float, default=NodeRuntime.task_poll,
+                   help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL for the ServerApp's SuperExec, s (Flower's default 1)")
+    c.add_argument("--executor", choices=EXECUTORS, default="warm",
+                   help="warm: --isolation process + our fork-server executor for the ServerApp; flower: Flower's SuperExec")
     c.set_defaults(fn=_cmd_superlink)
 
     c = sub.add_parser("supernode", help="start one SuperNode in the background")
@@ -196,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-wait-time", type=float, default=120.0,
                    help="give up after this many seconds without a SuperLink (0 = retry forever)")
     c.add_argument("--allow-insecure-remote", action="store_true")
+    _add_runtime_args(c)
     c.set_defaults(fn=_cmd_supernode)
 
     c = sub.add_parser("register", help="register a SuperNode public key (SuperNode authentication)")
@@ -231,11 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--work", default=None)
     c.add_argument("--count-bytes", action="store_true", help="route SuperNode traffic through a byte-counting proxy")
     c.add_argument("--timeout", type=float, default=3600.0)
+    _add_runtime_args(c)
     c.set_defaults(fn=_cmd_local)
 
     a = p.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a background job may inherit SIGINT ignored
+        signal.signal(sig, _exit_on_signal)
     try:
         return int(a.fn(a))
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\n[deploy] interrupted: everything this command started was stopped", file=sys.stderr)
+        return 130

@@ -1,15 +1,20 @@
 """Connection files and ``flwr`` CLI calls: a private FLWR_HOME with one connection to the
 SuperLink (``write_connection``), then ``flwr supernode register``, ``flwr run`` (``submit``),
-``flwr list`` (``run_status``, ``wait_run``), ``flwr log`` and ``flwr stop``."""
+``flwr list`` (``run_status``, ``wait_run``), ``flwr log`` (``fetch_log``, and ``follow_run``:
+the run's output live, line by line), and ``flwr stop``."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from floral_flwr.deploy.settings import DeployError, _env
 from floral_flwr.launch import _bin
@@ -98,3 +103,58 @@ def stop_run(cli_home: Path, run_id: str, conn: str = CONNECTION) -> None:
         _flwr(["stop", str(run_id), conn], cli_home, 30)
     except DeployError:
         pass
+
+
+def follow_run(cli_home: Path, run_id: str, timeout: float, on_line: Callable[[str], None] | None = None,
+               conn: str = CONNECTION) -> tuple[str, str, str]:
+    """Stream the run's output live (``flwr log <run> <conn>``: the ServerApp's per-round lines
+    as they are printed) until the run ends or ``timeout`` s pass; returns (status, details,
+    the whole log). One long-lived ``flwr log`` process instead of a ``flwr list`` process every
+    few seconds (each a Python start-up competing with the federation for the CPU).
+
+    The stream process is stopped by its PID (its own process group) whatever happens, Ctrl-C
+    included. If the stream ends before the run does (a dropped connection), the status is
+    polled as before."""
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    proc = subprocess.Popen([_bin("flwr"), "log", str(run_id), conn, "--stream"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env(cli_home), start_new_session=True)
+
+    def forward() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line)
+
+    reader = threading.Thread(target=forward, daemon=True)
+    reader.start()
+    try:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return f"timeout ({run_status(cli_home, run_id, conn)[0]})", "", "".join(lines)
+        reader.join(timeout=10)
+        status, details = wait_run(cli_home, run_id, max(5.0, deadline - time.monotonic()), conn, poll=1.0)
+        return status, details, "".join(lines)
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+
+
+def print_line(line: str) -> None:
+    """Forward one streamed line to stdout at once (the user sees each round as it ends)."""
+    sys.stdout.write(line)
+    sys.stdout.flush()

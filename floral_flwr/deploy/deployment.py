@@ -4,14 +4,21 @@ stopped on exit."""
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from floral_flwr.deploy.certificates import Certs
-from floral_flwr.deploy.connection import fetch_log, register_supernode, submit, wait_run, write_connection
+from floral_flwr.deploy.connection import (fetch_log, follow_run, register_supernode, submit, wait_run,
+                                           write_connection)
+from floral_flwr.deploy.labnet import LabNet
 from floral_flwr.deploy.processes import Proc, start_superlink, start_supernode, stop_proc
 from floral_flwr.deploy.proxy import ByteCountingProxy
+from floral_flwr.deploy.settings import DeployError, NodeRuntime
+
+from floral_flwr.deploy.warm_executor import READY_LINE  # logged once torch is imported
 
 
 @dataclass
@@ -28,15 +35,23 @@ class Deployment:
     num_partitions: int | None = None  # default: num_supernodes (node i hosts partition i)
     certs: Certs | None = None
     auth: bool = False
-    state_root: Path | None = None
+    state_root: Path | None = None  # node i keeps its state in <state_root>/node-i (default <work>/state)
     node_extra: dict[int, dict[str, Any]] = field(default_factory=dict)
     max_wait_time: float | None = 120.0
     link_port: int | None = None
     proxy: bool = False  # count bytes between SuperNodes and SuperLink through a TCP proxy
+    proxy_delay_s: float = 0.0  # ... which can also shape the link: one-way delay per direction
+    proxy_rate_bit_s: float | None = None  # ... and bandwidth per direction (None: unlimited)
     # keep the SuperLink's state (registered nodes, runs) in <work>/superlink/state.db: a restarted
     # SuperLink then still knows its SuperNodes, which reconnect; with the default in-memory state
     # they are refused (401) and exit, and must be restarted too
     database: bool = False
+    # how SuperNodes run ClientApps (default: the warm executor and short waits; see NodeRuntime)
+    runtime: NodeRuntime = field(default_factory=NodeRuntime)
+    # SuperNodes in their own network namespaces, reaching the SuperLink over veth pairs (the
+    # SuperLink then listens on all addresses, behind the Fleet gateway: pass certs with the
+    # LabNet's link addresses)
+    labnet: LabNet | None = None
     # SuperNodes reach the SuperLink through a Fleet-API-only gateway (on by default off loopback)
     fleet_gateway: bool | None = None
     superlink: Proc | None = None
@@ -65,18 +80,21 @@ class Deployment:
 
     def start_link(self) -> Proc:
         db = str(self.work / "superlink" / "state.db") if self.database else None
-        self.superlink = start_superlink(self.work, port=self.link_port, certs=self.certs, auth=self.auth,
-                                         database=db, tie_to_parent=True, fleet_gateway=self.fleet_gateway)
+        host = "0.0.0.0" if self.labnet is not None else "127.0.0.1"
+        self.superlink = start_superlink(self.work, host=host, port=self.link_port, certs=self.certs, auth=self.auth,
+                                         database=db, tie_to_parent=True, task_poll=self.runtime.task_poll,
+                                         executor=self.runtime.executor, fleet_gateway=self.fleet_gateway)
         self.link_port = int(self.fleet_address.rsplit(":", 1)[1])
         self.cli_home = write_connection(self.work, self.address, self.certs.ca if self.certs else None)
         if self.proxy and self.byte_counter is None:
-            self.byte_counter = ByteCountingProxy("127.0.0.1", self.link_port)
+            self.byte_counter = ByteCountingProxy("127.0.0.1", self.link_port, self.proxy_delay_s,
+                                                  self.proxy_rate_bit_s)
         return self.superlink
 
     def node_config(self, i: int) -> dict[str, Any]:
         cfg: dict[str, Any] = {"partition-id": i, "num-partitions": self.num_partitions or self.num_supernodes}
-        if self.state_root is not None:
-            cfg["state-dir"] = str(self.state_root / f"node-{i}")
+        # every SuperNode keeps its private client state in a state-dir (default: under work/)
+        cfg["state-dir"] = str((self.state_root or self.work / "state") / f"node-{i}")
         cfg.update(self.node_extra.get(i, {}))
         return cfg
 
@@ -84,12 +102,17 @@ class Deployment:
         key = self.certs.node_key(i) if (self.certs and self.auth) else None
         if key is not None and self.cli_home is not None:
             register_supernode(self.cli_home, self.certs.node_pub(i))  # type: ignore[union-attr]
-        proc = start_supernode(self.work, i, self.fleet_address, self.node_config(i), certs=self.certs,
-                               auth_key=key, max_wait_time=self.max_wait_time, tie_to_parent=True)
+        address, prefix = self.fleet_address, None
+        if self.labnet is not None:
+            address, prefix = f"{self.labnet.link_ip(i)}:{self.link_port}", self.labnet.prefix(i)
+        proc = start_supernode(self.work, i, address, self.node_config(i), certs=self.certs,
+                               auth_key=key, max_wait_time=self.max_wait_time, tie_to_parent=True,
+                               runtime=self.runtime, prefix=prefix)
         self.nodes[i] = proc
         return proc
 
     def __enter__(self) -> "Deployment":
+        self.runtime.check()  # before anything starts
         try:
             self.start_link()
             for i in range(self.num_supernodes):
@@ -102,6 +125,23 @@ class Deployment:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    def wait_warm(self, timeout: float = 600.0) -> bool:
+        """Block until every warm executor (SuperNodes', SuperLink's) has imported torch and polls
+        for tasks (so the run does not wait for them); False (and a warning) after ``timeout`` s."""
+        procs = [*self.nodes.values(), *([self.superlink] if self.superlink else [])]
+        execs = [c for p in procs for c in p.companions if c.name.endswith("-exec")]  # not the gateway
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(c.log.exists() and READY_LINE in c.log.read_text(errors="replace") for c in execs):
+                return True
+            dead = [c.name for c in execs if not c.alive()]
+            if dead:
+                raise DeployError(f"warm executor(s) {dead} exited: see {self.work / 'logs'}")
+            time.sleep(0.5)
+        print(f"WARNING: warm executors not ready after {timeout:g} s; the first round will wait for them",
+              file=sys.stderr, flush=True)
+        return False
+
     def submit(self, app_dir: str | Path, run_config: str = "") -> str:
         assert self.cli_home is not None
         return submit(app_dir, self.cli_home, run_config)
@@ -111,6 +151,14 @@ class Deployment:
         status = wait_run(self.cli_home, run_id, timeout, on_poll=on_poll)
         (self.work / "logs" / f"run-{run_id}.log").write_text(fetch_log(self.cli_home, run_id))
         return status
+
+    def follow(self, run_id: str, timeout: float, on_line: Any = None) -> tuple[str, str]:
+        """Like :meth:`wait`, with the run's output streamed live to ``on_line`` (one long-lived
+        ``flwr log`` process instead of a status poll every 2 s)."""
+        assert self.cli_home is not None
+        status, details, log = follow_run(self.cli_home, run_id, timeout, on_line)
+        (self.work / "logs" / f"run-{run_id}.log").write_text(log or fetch_log(self.cli_home, run_id))
+        return status, details
 
     def run_log(self, run_id: str) -> str:
         p = self.work / "logs" / f"run-{run_id}.log"
@@ -127,4 +175,4 @@ class Deployment:
 
     def pids(self) -> list[int]:
         procs = list(self.nodes.values()) + ([self.superlink] if self.superlink else [])
-        return [p.pid for p in procs]
+        return [p.pid for p in procs] + [c.pid for p in procs for c in p.companions]

@@ -1,3 +1,4 @@
+# size: every deployment process (SuperLink, its gateway and warm executor, SuperNodes and their executors) is started and stopped by one set of rules here.
 """Processes: start ``flower-superlink`` / ``flower-supernode`` (each in its own process group,
 PID file ``<work>/pids/<name>.pid``, log ``<work>/logs/<name>.log``), wait until the SuperLink is
 healthy, find the descendants Flower starts in their own sessions, and stop exactly those
@@ -22,9 +23,15 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from floral_flwr.deploy.certificates import Certs, _ssl_context
-from floral_flwr.deploy.settings import (DeployError, _env, check_insecure, check_node_config, format_node_config,
-                                         is_loopback, split_address)
+from floral_flwr.deploy.flwr_pins import TASK_POLL_ENV
+from floral_flwr.deploy.settings import (DeployError, NodeRuntime, _env, check_insecure, check_node_config,
+                                         format_node_config, is_loopback, split_address)
+from floral_flwr.deploy.warm_executor import SERVER_PRELOAD
 from floral_flwr.launch import _bin, free_port
+
+# both run by path (they must not import this package: see their docstrings)
+WARM_EXECUTOR = Path(__file__).resolve().with_name("warm_executor.py")
+NODE_WAITS = Path(__file__).resolve().with_name("node_waits.py")
 
 
 @dataclass
@@ -37,7 +44,9 @@ class Proc:
     pidfile: Path
     log: Path
     info: dict[str, Any] = field(default_factory=dict)
-    companions: list["Proc"] = field(default_factory=list)  # stopped with it (the Fleet gateway)
+    # processes that belong to this one and are stopped with it (a SuperNode's warm executor,
+    # a SuperLink's warm executor and Fleet gateway)
+    companions: list["Proc"] = field(default_factory=list)
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -54,7 +63,8 @@ def _pid_is_ours(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return "flower-superlink" in cmd or "flower-supernode" in cmd or "floral_flwr.deploy.gateway" in cmd
+    return any(name in cmd for name in ("flower-superlink", "flower-supernode", "floral_flwr.deploy.gateway",
+                                         WARM_EXECUTOR.name, NODE_WAITS.name))
 
 
 # Execs the real command after asking the kernel to SIGTERM it when its parent dies
@@ -68,10 +78,12 @@ _TIE_TO_PARENT = (
 
 
 def _spawn(work: Path, name: str, cmd: list[str], env: dict[str, str], info: dict[str, Any],
-           tie_to_parent: bool = False) -> Proc:
+           tie_to_parent: bool = False, log_name: str | None = None) -> Proc:
+    """``log_name``: write to that process's log instead (a companion shares its owner's log, as
+    Flower's own SuperExec and ClientApps share the SuperNode's output)."""
     (work / "pids").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    log = work / "logs" / f"{name}.log"
+    log = work / "logs" / f"{log_name or name}.log"
     with open(log, "ab") as fh:
         fh.write(f"\n=== {time.strftime('%H:%M:%S')} {shlex.join(cmd)}\n".encode())
         fh.flush()
@@ -146,7 +158,7 @@ def stop_proc(proc: Proc, grace: float = 10.0, sig: int = signal.SIGTERM) -> Non
 
     Only a process we started (``popen``) or, from a PID file, a still-running Flower process
     that leads its own process group is signalled; anything else (a stale or recycled PID) is
-    left alone and only the PID file is removed."""
+    left alone and only the PID file is removed. Companions are stopped first."""
     for companion in proc.companions:
         stop_proc(companion, grace, sig)
     if proc.popen is not None:
@@ -202,14 +214,18 @@ def load_procs(work: Path, names: Iterable[str] | None = None) -> list[Proc]:
         except (ValueError, KeyError, OSError):
             pf.unlink(missing_ok=True)
             continue
-        out.append(Proc(name, None, pid, pf, work / "logs" / f"{name}.log", meta))
+        log = work / "logs" / f"{name.removesuffix('-exec')}.log"  # a companion writes its owner's log
+        out.append(Proc(name, None, pid, pf, log, meta))
     return out
 
 
 def stop_all(work: Path, names: Iterable[str] | None = None) -> list[str]:
-    """Stop the processes recorded under ``work/pids`` (SuperNodes first)."""
+    """Stop the processes recorded under ``work/pids`` (executors, then SuperNodes, then the
+    SuperLink); naming a SuperNode also stops its executor."""
+    if names:
+        names = [*names, *(f"{n}-exec" for n in names)]
     procs = load_procs(work, names)
-    procs.sort(key=lambda p: p.name == "superlink")
+    procs.sort(key=lambda p: (p.name.startswith("superlink"), not p.name.endswith("-exec")))
     for p in procs:
         stop_proc(p)
     return [p.name for p in procs]
@@ -245,9 +261,16 @@ def start_superlink(
     allow_insecure_remote: bool = False,
     health_timeout: float = 90.0,
     tie_to_parent: bool = False,
+    task_poll: float | None = None,
+    executor: str = "flower",
     fleet_gateway: bool | None = None,
 ) -> Proc:
     """Start ``flower-superlink`` (own FLWR_HOME under ``work``) and wait until it is healthy.
+
+    ``task_poll`` sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperExec it starts (how
+    soon the ServerApp starts after ``flwr run``; Flower's default 1 s). ``executor="warm"``:
+    ``--isolation process`` and the warm executor as a companion (the ServerApp of each run is
+    a forked child; ``warm_executor.py``).
 
     ``fleet_gateway`` (default: when ``host`` is not loopback): the SuperLink listens on
     127.0.0.1 only and a Fleet gateway on ``host:port`` forwards only the Fleet API
@@ -274,20 +297,32 @@ def start_superlink(
             cmd.append("--enable-supernode-auth")
     if database:
         cmd += ["--database", database]
+    if executor == "warm":
+        cmd += ["--isolation", "process"]
     home = work / "superlink"
     home.mkdir(parents=True, exist_ok=True)
     dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    proc = _spawn(work, "superlink", cmd, _env(home),
+    env = _env(home)
+    if task_poll is not None:
+        env[TASK_POLL_ENV] = str(task_poll)
+    proc = _spawn(work, "superlink", cmd, env,
                   {"address": f"{dial}:{port}", "fleet-address": f"{dial}:{port}", "tls": certs is not None,
                    "auth": auth}, tie_to_parent)
     wait_healthy(dial, port, health_timeout, proc, certs.ca if certs else None)
-    if gateway:
-        try:
+    try:  # companions are stopped in this order: the gateway first (no new requests), then the executor
+        if gateway:
             proc.companions.append(_start_gateway(work, public_host, public_port, f"{dial}:{port}", certs,
                                                   health_timeout, tie_to_parent))
-        except BaseException:
-            stop_proc(proc)
-            raise
+        if executor == "warm":
+            ecmd = [sys.executable, str(WARM_EXECUTOR), "--runtime-api-address", f"{dial}:{port}",
+                    "--parent-pid", str(proc.pid), "--preload", ",".join(SERVER_PRELOAD), "--no-warm-app"]
+            ecmd += ["--root-certificates", str(certs.ca)] if certs else ["--insecure"]
+            proc.companions.append(_spawn(work, "superlink-exec", ecmd, env, {"superlink": proc.pid},
+                                          tie_to_parent, log_name="superlink"))
+    except BaseException:
+        stop_proc(proc)
+        raise
+    if gateway:
         gw_dial = "127.0.0.1" if public_host in ("0.0.0.0", "::", "") else public_host
         proc.info["fleet-address"] = f"{gw_dial}:{public_port}"
         proc.info["fleet-gateway"] = True
@@ -320,18 +355,23 @@ def start_supernode(
     allow_insecure_remote: bool = False,
     env_extra: Mapping[str, str] | None = None,
     tie_to_parent: bool = False,
+    runtime: NodeRuntime | None = None,
+    prefix: list[str] | None = None,
 ) -> Proc:
-    """Start one ``flower-supernode`` with its own FLWR_HOME and runtime ``--port``.
+    """Start one SuperNode with its own FLWR_HOME and runtime ``--port``; with the warm executor
+    (``runtime.executor == "warm"``, the default) also its executor, a companion process.
 
     ``max_wait_time`` bounds how long it retries an unreachable SuperLink before exiting
-    (``None``: forever, Flower's default)."""
+    (``None``: forever, Flower's default). ``prefix`` runs both processes through a command
+    prefix (``ip netns exec NS``: a SuperNode in its own network namespace, ``labnet.py``)."""
     work = Path(work)
+    rt = runtime or NodeRuntime()
+    rt.check()
     check_node_config(node_config)
     host, _ = split_address(superlink)
     ca = ca or (certs.ca if certs else None)
     port = port or free_port()
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
-           "--node-config", format_node_config(node_config)]
+    cmd = ["--superlink", superlink, "--port", str(port), "--node-config", format_node_config(node_config)]
     if ca is None:
         check_insecure(host, allow_insecure_remote, f"SuperNode {index}")
         cmd.append("--insecure")
@@ -345,10 +385,27 @@ def start_supernode(
         cmd += ["--auth-supernode-private-key", str(auth_key)]
     if max_wait_time is not None:
         cmd += ["--max-wait-time", str(float(max_wait_time))]
+    if rt.executor == "warm":
+        cmd += ["--isolation", "process"]  # the SuperNode starts no SuperExec; we start ours
+    if rt.node_poll:
+        cmd = [sys.executable, str(NODE_WAITS), "--node-poll", str(rt.node_poll), "--", *cmd]
+    else:
+        cmd = [_bin("flower-supernode"), *cmd]
     home = work / f"supernode-{index}"
     home.mkdir(parents=True, exist_ok=True)
     env = _env(home)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env[TASK_POLL_ENV] = str(rt.task_poll)
     env.update(env_extra or {})
-    return _spawn(work, f"supernode-{index}", cmd, env,
-                  {"superlink": superlink, "port": port, "node-config": dict(node_config)}, tie_to_parent)
+    prefix = list(prefix or [])
+    proc = _spawn(work, f"supernode-{index}", [*prefix, *cmd], env,
+                  {"superlink": superlink, "port": port, "node-config": dict(node_config),
+                   "executor": rt.executor, "node-poll": rt.node_poll}, tie_to_parent)
+    if rt.executor == "warm":
+        ecmd = [sys.executable, str(WARM_EXECUTOR), "--runtime-api-address", f"127.0.0.1:{port}",
+                "--insecure", "--parent-pid", str(proc.pid)]
+        if rt.preload is not None:
+            ecmd += ["--preload", rt.preload]
+        proc.companions.append(_spawn(work, f"supernode-{index}-exec", [*prefix, *ecmd], env,
+                                      {"supernode": proc.pid}, tie_to_parent, log_name=f"supernode-{index}"))
+    return proc

@@ -9,9 +9,11 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from floral_flwr.deploy.flwr_pins import flwr_version_problem
 from floral_flwr.launch import OFFLINE_ENV
 
 
@@ -80,6 +82,48 @@ def format_node_config(cfg: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
 
 
+# ----------------------------------------------------------------------------- node runtime
+
+EXECUTORS = ("warm", "flower")
+
+
+@dataclass(frozen=True)
+class NodeRuntime:
+    """How a SuperNode runs its ClientApps and how long it waits (``deploy/README.md``,
+    "Warm executor").
+
+    - ``executor``: ``"warm"`` = ``--isolation process`` + our fork-server SuperExec
+      (``warm_executor.py``: torch and the app imported once, one forked process per message);
+      ``"flower"`` = Flower's own SuperExec (a fresh ``flwr-clientapp`` per message).
+    - ``node_poll``: the SuperNode's idle wait between pulls while a round is on (s); 0 keeps
+      Flower's fixed 3 s idle wait and 0.5 s reply poll (the stock ``flower-supernode``).
+    - ``task_poll``: ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, how often the SuperExec asks its
+      SuperNode for a new task (Flower's default 1 s; allowed 0.01-60).
+    """
+
+    executor: str = "warm"
+    node_poll: float = 0.2
+    task_poll: float = 0.1
+    preload: str | None = None  # modules the warm executor imports once (default: its list)
+
+    def describe(self) -> str:
+        ex = "warm executor" if self.executor == "warm" else "Flower's SuperExec"
+        poll = f"node poll {self.node_poll:g} s" if self.node_poll else "Flower's 3 s node wait"
+        return f"{ex}, {poll}, task poll {self.task_poll:g} s"
+
+    def check(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise DeployError(f"--executor '{self.executor}' is not one of {', '.join(EXECUTORS)}")
+        if self.node_poll != 0 and not 0.01 <= self.node_poll <= 3.0:
+            raise DeployError(f"--node-poll {self.node_poll} is not 0 (Flower's fixed waits) or in [0.01, 3] s")
+        if not 0.01 <= self.task_poll <= 60.0:
+            raise DeployError(f"--task-poll {self.task_poll} is not in [0.01, 60] s (Flower's allowed range)")
+        if self.executor == "warm" or self.node_poll:
+            problem = flwr_version_problem()
+            if problem:
+                raise DeployError(problem)
+
+
 # ----------------------------------------------------------------------------- node config
 
 
@@ -102,14 +146,16 @@ def check_node_config(node_config: Mapping[str, Any]) -> None:
     if not sd:
         # without one the node's private state (its mixture) would live where the server says, or
         # be lost on every restart: each SuperNode keeps it in a directory of its own
-        raise DeployError("node config needs a 'state-dir' (--state-dir DIR): the directory where this "
-                          "SuperNode keeps its private state; the server cannot choose it")
-    if sd:
-        # same probe as floral_flwr.client.state_store.check_writable (no torch import here)
-        try:
-            Path(str(sd)).mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=str(sd), prefix=".probe-")
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as exc:
-            raise DeployError(f"node config 'state-dir' = '{sd}' is not writable: {exc}") from None
+        raise DeployError(
+            "node config needs a 'state-dir': the directory where this SuperNode keeps its clients' "
+            "private state (mixture, local adaptors) across rounds, restarts and runs (the server "
+            "cannot choose it); pass --state-dir DIR"
+        )
+    # same probe as floral_flwr.client.state_store.check_writable (no torch import here)
+    try:
+        Path(str(sd)).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=str(sd), prefix=".probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise DeployError(f"node config 'state-dir' = '{sd}' is not writable: {exc}") from None

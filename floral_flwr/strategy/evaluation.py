@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.common.logger import log
 
+from floral_flwr.strategy.eval_fold import eval_record_name
 from floral_flwr.strategy.validation import InvalidReply, validate_eval_metrics
 
 
@@ -43,10 +44,11 @@ def collect_eval_rows(
             out.failures += 1
             log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, node, msg.error.reason)
             continue
+        name = eval_record_name(msg)  # an evaluate reply, or a train reply that evaluated first
         try:
-            if "metrics" not in msg.content.metric_records:
-                raise InvalidReply("no MetricRecord 'metrics'")
-            row = validate_eval_metrics(msg.content.metric_records["metrics"], metric, num_adaptors)
+            if name not in msg.content.metric_records:
+                raise InvalidReply(f"no MetricRecord '{name}'")
+            row = validate_eval_metrics(msg.content.metric_records[name], metric, num_adaptors)
         except (InvalidReply, ValueError, TypeError) as exc:
             out.rejected += 1
             log(WARNING, "round %d: rejected evaluation from node %d: %s", server_round, node, exc)

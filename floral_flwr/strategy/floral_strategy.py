@@ -1,3 +1,4 @@
+# size: the round loop of one strategy class (train exchange, plaintext or SecAgg+, evaluation folded or separate, stop rules); each step is delegated, the sequence stays readable here.
 """The FLoRAL strategy on Flower's Message API: one server round, start to end.
 
 ``FloralStrategy`` is a :class:`flwr.serverapp.strategy.FedAvg` whose aggregation is the p(k|c)
@@ -37,7 +38,9 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from floral_flwr.rundir import NonFiniteState, RunFailed
 from floral_flwr.strategy.bounds import ExampleCaps
+from floral_flwr.strategy.eval_fold import PendingEval, fold_into, split_folded_replies
 from floral_flwr.strategy.evaluation import collect_eval_rows, summarize_round
+from floral_flwr.strategy.exchange import DEFAULT_POLL, exchange
 from floral_flwr.strategy.nodes import ClientDirectory, sample_nodes, wait_for_nodes
 from floral_flwr.strategy.optimizer_state import (DtypePin, hold_unused_slices, load_optimizer_state,
                                                   non_finite_keys, optimizer_state, snapshot_moments)
@@ -145,6 +148,10 @@ class FloralStrategy(FedAvg):
         self.stats: RoundStats = RoundStats(0)
         self.total_failures = 0
         self.total_rejected = 0
+        # run config "reply-poll": s between reply pulls (0 = Flower's send_and_receive), see .exchange
+        self.reply_poll = float(getattr(self, "reply_poll", DEFAULT_POLL))
+        # an evaluation round's evaluation rides on the next round's train messages (see .eval_fold)
+        self.fold_evaluation = bool(getattr(self, "fold_evaluation", True))
 
     def set_robustness(self, robust: str = "none", clip_norm: float = 0.0, trim_fraction: float = 0.2,
                        caps: ExampleCaps | None = None) -> None:
@@ -176,36 +183,60 @@ class FloralStrategy(FedAvg):
         result = Result()
         result.arrays = initial_arrays
         arrays = initial_arrays
+        pending: PendingEval | None = None  # an evaluation riding on the next round's messages
         for rnd in range(start_round, num_rounds + 1):
             t0 = time.monotonic()
-            arrays = self._train_round(rnd, arrays, grid, train_config, timeout, result)
+            moments = snapshot_moments(self)  # before the exchange: the slices no reply used keep them
+            replies = self._train_exchange(rnd, arrays, grid, train_config, timeout, pending)
+            if pending is not None:  # round rnd-1 is complete now: record it before aggregating
+                replies = self._finish_evaluation(pending, replies, result, evaluate_fn, on_round_end)
+                pending = None
+            arrays = self._aggregate_round(rnd, arrays, moments, replies, result)
             t1 = time.monotonic()
             self.stats.seconds_train = t1 - t0
+            if self.folds_evaluation and rnd < num_rounds and self.is_eval_round(rnd):
+                pending = self._plan_evaluation(rnd, arrays, grid, evaluate_config)
+                continue
             self._evaluate_round(rnd, arrays, grid, evaluate_config, timeout, result)
             self.stats.seconds_eval = time.monotonic() - t1
-            if evaluate_fn is not None:
-                res = evaluate_fn(rnd, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[rnd] = res
-            if on_round_end is not None:
-                on_round_end(rnd, arrays, self)
+            self._end_round(rnd, arrays, result, evaluate_fn, on_round_end)
         return result
 
-    def _train_round(self, rnd: int, arrays: ArrayRecord, grid: Grid, train_config: ConfigRecord | None,
-                     timeout: float, result: Result) -> ArrayRecord:
-        """Configure, send, aggregate; the new global state. Under secagg the replies are the
-        SecAgg+ exchange's sum (:mod:`.secure_rounds`). Raises RunFailed when no reply was accepted
-        and NonFiniteState when the new state (after the server optimizer) is not finite."""
-        moments = snapshot_moments(self)
+    @property
+    def folds_evaluation(self) -> bool:
+        """Evaluation rides in the next round's train messages: run config fold-evaluation, and
+        plaintext aggregation only (under secagg the train messages are SecAgg+ stage messages)."""
+        return self.fold_evaluation and self.secure is None
+
+    def _end_round(self, rnd: int, arrays: ArrayRecord, result: Result,
+                   evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+                   on_round_end: Callable[[int, ArrayRecord, "FloralStrategy"], None] | None) -> None:
+        if evaluate_fn is not None:
+            res = evaluate_fn(rnd, arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[rnd] = res
+        if on_round_end is not None:
+            on_round_end(rnd, arrays, self)
+
+    def _train_exchange(self, rnd: int, arrays: ArrayRecord, grid: Grid, train_config: ConfigRecord | None,
+                        timeout: float, pending: PendingEval | None) -> list[Message]:
+        """Send round ``rnd``'s train messages (with ``pending``'s evaluation folded in) and
+        collect the replies. Under secagg the round is one SecAgg+ exchange on the grid whose sum
+        :meth:`aggregate_train` decodes (:mod:`.secure_rounds`): no plaintext reply comes back."""
         if self.secure is not None:
             self._pending_secure = secure_train_exchange(self, rnd, arrays, grid, train_config,
                                                          first_round=rnd == self._first_round)
-            replies: Iterable[Message] = []
-        else:
-            replies = grid.send_and_receive(
-                self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid),
-                timeout=timeout,
-            )
+            return []
+        msgs = list(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid))
+        if pending is not None:
+            msgs = fold_into(pending, msgs, self.arrayrecord_key, self.configrecord_key)
+        return exchange(grid, msgs, timeout, self.reply_poll)
+
+    def _aggregate_round(self, rnd: int, arrays: ArrayRecord, moments: dict[str, Any] | None, replies: list[Message],
+                         result: Result) -> ArrayRecord:
+        """Aggregate the train replies into the new global state (``moments``: the server
+        optimizer's before the round). Raises RunFailed when no reply was accepted and
+        NonFiniteState when the new state (after the server optimizer) is not finite."""
         new_arrays, train_metrics = self.aggregate_train(rnd, replies)
         if new_arrays is None:
             raise RunFailed(self._nothing_accepted(rnd))
@@ -227,13 +258,41 @@ class FloralStrategy(FedAvg):
                 f"rejected); first cause: {cause}. Nothing was trained this round, so the run stops; "
                 f"the checkpoint of round {rnd - 1} is kept: fix the cause, then resume=true")
 
+    # ------------------------------------------------------------------ evaluation folded in
+
+    def _plan_evaluation(self, rnd: int, arrays: ArrayRecord, grid: Grid,
+                         evaluate_config: ConfigRecord | None) -> PendingEval:
+        """Sample round ``rnd``'s evaluation now (where it is sampled when sent at once); it is
+        sent with round ``rnd + 1``'s train messages, which carry the same global state."""
+        arrays = self._keep_dtypes(arrays)
+        nodes = self.sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, rnd, salt=EVALUATE_SALT)
+        return PendingEval(rnd, arrays, self.stats, set(nodes), ConfigRecord(dict(evaluate_config or {})))
+
+    def _finish_evaluation(
+        self, pending: PendingEval, replies: list[Message], result: Result,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+        on_round_end: Callable[[int, ArrayRecord, "FloralStrategy"], None] | None,
+    ) -> list[Message]:
+        """Take round ``pending.round``'s evaluation out of this exchange's replies, record that
+        round (before this round's aggregation moves the server optimizer), return the train replies."""
+        train, evaluated = split_folded_replies(replies, pending)
+        current, self.stats = self.stats, pending.stats
+        try:
+            eval_metrics = self.aggregate_evaluate(pending.round, evaluated)
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[pending.round] = eval_metrics
+            self._end_round(pending.round, pending.arrays, result, evaluate_fn, on_round_end)
+        finally:
+            self.stats = current
+        return train
+
     def _evaluate_round(self, rnd: int, arrays: ArrayRecord, grid: Grid, evaluate_config: ConfigRecord | None,
                         timeout: float, result: Result) -> None:
         """Personalized evaluation on the clients, when this is an evaluation round."""
         config = ConfigRecord(dict(evaluate_config or {}))
         eval_msgs = list(self.configure_evaluate(rnd, arrays, config, grid))
         if eval_msgs:
-            eval_metrics = self.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=timeout))
+            eval_metrics = self.aggregate_evaluate(rnd, exchange(grid, eval_msgs, timeout, self.reply_poll))
             if eval_metrics is not None and wants_secure_ari(self):
                 ari = secure_ari(self, grid, rnd, config)
                 if ari is not None:
@@ -246,8 +305,9 @@ class FloralStrategy(FedAvg):
     def sample(self, grid: Grid, fraction: float, minimum: int, server_round: int, salt: int) -> list[int]:
         """Deterministic sample of ``max(int(N * fraction), minimum)`` nodes for this round."""
         connected = wait_for_nodes(grid, max(self.min_available_nodes, minimum), self.node_wait_timeout)
-        self.clients.discover(grid)
-        nodes = self.clients.candidates(grid, connected, training=salt == TRAIN_SALT)
+        # one node list per sample: each get_node_ids is a request to the SuperLink
+        self.clients.discover(grid, poll=self.reply_poll, nodes=connected)
+        nodes = self.clients.candidates(grid, connected, training=salt == TRAIN_SALT, fresh=False)
         return sample_nodes(nodes, fraction, minimum, self.seed, server_round, salt)
 
     def configure_train(

@@ -24,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from floral_flwr.strategy.bounds import ExampleCaps
+from floral_flwr.strategy.exchange import DEFAULT_POLL, exchange
 from floral_flwr.strategy.validation import InvalidReply, check_discovery
 
 UNKNOWN_CLIENT = 1 << 62  # sorts nodes with no known client id last
@@ -74,9 +75,11 @@ class ClientDirectory:
         # node -> its checked discovery reply, while another connected node serves that client
         self.refused: dict[int, dict] = {}
 
-    def discover(self, grid: Grid, timeout: float = 120.0) -> None:
-        """Ask nodes we do not know yet for their client id and train size (a query message)."""
-        nodes = sorted(grid.get_node_ids())
+    def discover(self, grid: Grid, timeout: float = 120.0, poll: float = DEFAULT_POLL,
+                 nodes: list[int] | None = None) -> None:
+        """Ask nodes we do not know yet for their client id and train size (a query message);
+        ``nodes``: the connected nodes when the caller just asked the grid (one request less)."""
+        nodes = sorted(grid.get_node_ids() if nodes is None else nodes)
         self._readmit(nodes)
         unknown = [n for n in nodes if n not in self.client_ids and n not in self.refused]
         if not unknown:
@@ -87,7 +90,7 @@ class ClientDirectory:
         ]
         errors = []
         checked: list[tuple[int, dict]] = []
-        for reply in grid.send_and_receive(msgs, timeout=timeout):
+        for reply in exchange(grid, msgs, timeout, poll):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "Node %d failed the discovery query: %s", node, reply.error.reason)
@@ -172,11 +175,13 @@ class ClientDirectory:
         """``nodes`` by client id, so that seeded sampling does not depend on random node ids."""
         return sorted(nodes, key=lambda n: (self.client_ids.get(n, UNKNOWN_CLIENT), n))
 
-    def candidates(self, grid: Grid, connected: list[int], training: bool) -> list[int]:
+    def candidates(self, grid: Grid, connected: list[int], training: bool, fresh: bool = True) -> list[int]:
         """Known, current nodes in client-id order (all ``connected`` ones if none is known yet);
-        held-out clients never take part in ``training``."""
+        held-out clients never take part in ``training``. ``fresh=False``: ``connected`` is
+        current (the caller just asked the grid), no new request."""
+        online = grid.get_node_ids() if fresh else connected
         nodes = self.ordered(
-            n for n in grid.get_node_ids() if n in self.client_ids and n not in self.superseded
+            n for n in online if n in self.client_ids and n not in self.superseded
         ) or self.ordered(connected)
         if training and self.holdout_nodes:
             nodes = [n for n in nodes if n not in self.holdout_nodes]
