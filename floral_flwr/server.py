@@ -55,7 +55,10 @@ logger = logging.getLogger("floral_flwr")
 # what the ServerApp prints, after "[<method>] ", when it stops before training (launch greps it)
 STOPPED = "stopped before round 1: "
 # per-round INFO lines of the strategy that the one progress line per round already says
-_ROUND_CHATTER = ("configure_train:", "aggregate_train:", "configure_evaluate:", "aggregate_evaluate:")
+_ROUND_CHATTER = ("configure_train:", "aggregate_train:", "configure_evaluate:", "aggregate_evaluate:",
+                  # Flower's SecAgg+ workflow (aggregation='secagg'), four lines per exchange
+                  "configure_fit:", "aggregate_fit:", "Secure aggregation commencing",
+                  "Secure aggregation completed")
 
 
 class _DropRoundChatter(logging.Filter):

@@ -363,3 +363,23 @@ def test_plain_flwr_run_on_the_default_federation_stops_with_the_fix(tmp_path):
     assert "num-supernodes=20" in last[-1] and "floral_flwr.launch" in last[-1]
     assert not any("Traceback" in line for line in lines), lines
     assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_round_chatter_of_flowers_workflows_is_dropped_but_nothing_else():
+    """One line per round: Flower's per-round INFO lines (FedAvg's and the SecAgg+ workflow's,
+    four per secure exchange) are filtered from the run's output; warnings and other INFO stay."""
+    import logging
+
+    from floral_flwr.server import _DropRoundChatter
+
+    def record(level, msg, *args):
+        return logging.LogRecord("flwr", level, __file__, 1, msg, args, None)
+
+    drop = _DropRoundChatter()
+    for msg, args in [("configure_fit: strategy sampled %s clients (out of %s)", (20, 20)),
+                      ("aggregate_fit: received %s results and %s failures", (20, 0)),
+                      ("Secure aggregation commencing.", ()), ("Secure aggregation completed.", ()),
+                      ("configure_train: Sampled %s nodes (out of %s)", (4, 4))]:
+        assert not drop.filter(record(logging.INFO, msg, *args)), msg
+    assert drop.filter(record(logging.WARNING, "Secure aggregation commencing."))  # never a warning
+    assert drop.filter(record(logging.INFO, "Starting FloralStrategy: rounds 1..150"))
