@@ -111,9 +111,12 @@ def test_wrapper_refuses_bad_arguments_and_missing_wheels(tmp_path):
     nosite.chmod(0o755)
     empty = tmp_path / "wheels"
     empty.mkdir()
+    # no inherited PYTHONPATH either (an in-process Flower simulation earlier in the session can
+    # leave site-packages in it): this interpreter must not find flwr
+    nosite_env = {k: v for k, v in _env(PYTHON=str(nosite)).items() if k != "PYTHONPATH"}
     proc = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--out", str(tmp_path / "o"),
                            "--wheels", str(empty)], capture_output=True, text=True,
-                          env=_env(PYTHON=str(nosite)), timeout=60)
+                          env=nosite_env, timeout=60)
     assert proc.returncode == 3 and "holds no wheels" in proc.stderr and "build_gpu_wheels.sh" in proc.stderr
 
 
