@@ -362,3 +362,47 @@ def test_a_secagg_client_refuses_a_plaintext_train_request(tmp_path):
     train = _train_replies(grid)
     assert len(train) == NUM_CLIENTS and all(r.has_error() for r in train)
     assert all("'aggregation' = 'secagg'" in r.error.reason for r in train)
+
+
+
+def test_secure_stages_use_the_short_push_pull_when_a_reply_poll_is_set(monkeypatch):
+    """Each SecAgg+ stage goes out through ``exchange`` (push, then pull every ``reply-poll`` s),
+    not Flower's ``send_and_receive`` with its fixed 3 s poll; ``poll = 0`` keeps Flower's call."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from floral_flwr.strategy.secagg import SecureSum, _MeteredGrid
+
+    class SilentGrid:  # records the calls; no node ever answers
+        def __init__(self):
+            self.calls = []
+
+        def push_messages(self, messages):
+            self.calls.append("push")
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.calls.append("pull")
+            return []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.calls.append("send_and_receive")
+            return []
+
+    def stage():
+        return [Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="train")
+                for n in (1, 2)]
+
+    from floral_flwr.strategy import exchange as exchange_module
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("run_id", "node_id", "task_id"):  # a Message needs a task identity, as in the runtimes
+        monkeypatch.setattr(TaskIdentity, f"_{attr}", 1, raising=False)
+    monkeypatch.setattr(exchange_module, "_packed", list)  # packing is not the point here
+    slow, fast = SilentGrid(), SilentGrid()
+    out = SecureSum(sampled=[1, 2])
+    assert _MeteredGrid(slow, out, poll=0.0).send_and_receive(stage(), timeout=5) == []
+    assert slow.calls == ["send_and_receive"]
+    assert list(_MeteredGrid(fast, out, poll=0.01).send_and_receive(stage(), timeout=0.3)) == []
+    assert fast.calls[0] == "push" and "pull" in fast.calls and "send_and_receive" not in fast.calls
+    assert out.silent  # both nodes are recorded as silent in that stage

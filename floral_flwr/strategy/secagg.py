@@ -47,6 +47,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from floral_flwr.strategy.exchange import exchange
 from floral_flwr.config import ConfigError, RunConfig
 from floral_flwr.strategy.masked_sum import (
     KEYS_KEY,
@@ -148,12 +149,20 @@ def content_nbytes(content: RecordDict) -> int:
     return n
 
 
-class _MeteredGrid(Grid):
-    """The real grid, counting bytes and time of every SecAgg+ stage and keeping who failed."""
+DEFAULT_STAGE_TIMEOUT = 3600.0  # s, when Flower's workflow gives no timeout for a stage
 
-    def __init__(self, grid: Grid, out: SecureSum) -> None:
+
+class _MeteredGrid(Grid):
+    """The real grid, counting bytes and time of every SecAgg+ stage and keeping who failed.
+
+    Each stage's messages go out through :func:`floral_flwr.strategy.exchange.exchange` with
+    ``poll`` s between pulls (run config ``reply-poll``) instead of ``send_and_receive``'s fixed
+    3 s; ``poll = 0`` (and an in-process grid) keeps Flower's own call."""
+
+    def __init__(self, grid: Grid, out: SecureSum, poll: float = 0.0) -> None:
         self._grid = grid
         self._out = out
+        self._poll = float(poll)
 
     def set_run(self, run_id: int) -> None:  # pragma: no cover - never called by the workflow
         self._grid.set_run(run_id)
@@ -181,7 +190,8 @@ class _MeteredGrid(Grid):
             stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, "?"))
         self._out.bytes_down += sum(content_nbytes(m.content) for m in messages)
         t0 = time.perf_counter()
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = exchange(self._grid, messages, DEFAULT_STAGE_TIMEOUT if timeout is None else float(timeout),
+                           self._poll)
         self._out.seconds_waiting += time.perf_counter() - t0
         answered = set()
         for r in replies:
@@ -237,6 +247,7 @@ def secure_sum(
     purpose: str,
     settings: SecAggSettings,
     server_round: int,
+    poll: float = 0.0,
 ) -> SecureSum:
     """Run one SecAgg+ exchange with ``nodes``: each gets ``arrays`` and ``config`` (as FitIns) and
     answers with the vector to be summed. Returns the sum and what the exchange cost."""
@@ -263,7 +274,7 @@ def secure_sum(
     )
     t0 = time.perf_counter()
     try:
-        workflow(_MeteredGrid(grid, out), context)
+        workflow(_MeteredGrid(grid, out, poll), context)
     except (ValueError, TypeError, KeyError) as exc:  # e.g. a malformed masked vector
         log(WARNING, "round %d: secure aggregation (%s) failed: %s", server_round, purpose, exc)
         out.total = None

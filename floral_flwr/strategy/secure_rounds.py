@@ -65,7 +65,8 @@ def secure_train_exchange(strategy: Any, rnd: int, arrays: ArrayRecord, grid: Gr
     config = dict(content["config"])
     config[SCALE_KEY] = weight_scale(nodes, strategy.clients.client_sizes)
     try:
-        exchange = secure_sum(grid, nodes, content["arrays"], config, "train", strategy.secure.settings, rnd)
+        exchange = secure_sum(grid, nodes, content["arrays"], config, "train", strategy.secure.settings, rnd,
+                              poll=getattr(strategy, "reply_poll", 0.0))
     except ConfigError:
         if first_round:
             raise
@@ -145,7 +146,8 @@ def secure_ari(strategy: Any, grid: Grid, rnd: int, config: ConfigRecord | None)
     tally_config = {**dict(config or {}), "server-round": rnd,
                     CLUSTERS_KEY: opts.num_clusters, ADAPTORS_KEY: strategy.num_adaptors}
     try:
-        exchange = secure_sum(grid, nodes, ArrayRecord(), tally_config, "tally", opts.settings, rnd)
+        exchange = secure_sum(grid, nodes, ArrayRecord(), tally_config, "tally", opts.settings, rnd,
+                              poll=getattr(strategy, "reply_poll", 0.0))
     except ConfigError as exc:
         log(WARNING, "round %d: no secure cluster ARI: %s", rnd, exc)
         return None
