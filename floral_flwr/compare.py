@@ -30,7 +30,6 @@ seed take longer (``--jobs 2`` runs two runs at a time). Without ``--quick`` eac
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -49,6 +48,7 @@ from floral_flwr.compare_tune import (  # noqa: F401 - parse_grid, choose, point
     choose,
     parse_grid,
     point_label,
+    write_rows_csv,
     write_tuning,
 )
 from floral_flwr.config import METHODS, nearest
@@ -165,13 +165,7 @@ def _fmt(mu: float, sd: float, metric: str) -> str:
 def write_reports(rows: list[dict[str, Any]], out: Path, tasks: list[str], methods: list[str],
                   chosen: dict[tuple[str, str], dict[str, Any]] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with (out / "comparison.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_rows_csv(out / "comparison.csv", rows)
     cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         cell.setdefault((r["task"], r["method"]), []).append(r)

@@ -27,6 +27,17 @@ def _parse_value(v: str) -> Any:
     return v.strip("'\"")
 
 
+def write_rows_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as CSV, one column per key any row has (in the order the keys first appear)."""
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def _mean_std(vals: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1) of the finite values; sd 0 for one value."""
     vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
@@ -111,13 +122,7 @@ def write_tuning(rows: list[dict[str, Any]], chosen: dict[tuple[str, str], dict[
     """``tuning.csv`` (one row per tuning run, metric on the validation split) and
     ``tuning.json`` (the grid, the seeds, and the choice per task and method)."""
     out.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with (out / "tuning.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_rows_csv(out / "tuning.csv", rows)
     doc = {
         "grid": points, "tune-seeds": tune_seeds, "validation-fraction": fraction,
         "selection": "best mean validation metric over the tune seeds (accuracy: highest, mse: lowest)",
