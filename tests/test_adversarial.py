@@ -182,16 +182,8 @@ def test_an_attacker_under_each_robust_mode_leaves_a_finite_checkpointed_model(t
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_disk(tmpfs):
+    return tmpfs("8m")
 
 
 def test_a_disk_that_fills_mid_run_stops_it_and_resume_loses_nothing(small_disk):

@@ -182,17 +182,9 @@ def test_kill_9_during_checkpoint_writes_leaves_a_consistent_checkpoint(tmp_path
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmpfs):
     """A 1 MiB tmpfs (needs root and mount permission; skipped otherwise)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs("1m")
 
 
 def test_a_full_disk_stops_with_the_file_named_and_keeps_the_previous_checkpoint(small_disk):
