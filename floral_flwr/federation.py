@@ -39,16 +39,18 @@ def _settled_node_count(grid: Grid, timeout: float) -> int:
         time.sleep(0.25)
 
 
-def check_simulated_federation(grid: Grid, cfg: RunConfig, task_clusters: int | None) -> None:
+def check_simulated_federation(grid: Grid, cfg: RunConfig, task_clusters: int | None) -> int | None:
     """In simulation every SuperNode is one client: stop before round 1 when there are fewer
-    than the task's clusters (Flower's default federation has 2 SuperNodes)."""
+    than the task's clusters (Flower's default federation has 2 SuperNodes). Returns the
+    settled node count (None outside Flower's simulation engine)."""
     if not is_simulation(grid):
-        return  # deployment: nodes come and go; each node's num-partitions sizes its task
+        return None  # deployment: nodes come and go; each node's num-partitions sizes its task
     need = min_clients(task_clusters)
     have = _settled_node_count(grid, min(cfg.node_wait_timeout, 30.0))
     if have < need:
         raise ConfigError(too_few_clients(
             cfg.task, need, f"this federation has {have} simulated SuperNode{'s' * (have != 1)}"))
+    return have
 
 
 def is_simulated(grid: Grid) -> bool:
@@ -68,14 +70,15 @@ def check_mixture_reporting(cfg: RunConfig, grid: Grid) -> None:
         )
 
 
-def check_secure_sample(grid: Grid, cfg: RunConfig) -> None:
+def check_secure_sample(grid: Grid, cfg: RunConfig, settled: int | None = None) -> None:
     """Under secagg, a simulated federation whose round sample is too small for the protocol
     (or for ``secagg-num-shares``) stops here, before the run directory exists. A deployment's
-    nodes are only known in round 1, where the same check runs (``secure_rounds``)."""
+    nodes are only known in round 1, where the same check runs (``secure_rounds``).
+    ``settled``: the node count :func:`check_simulated_federation` already waited for."""
     if cfg.aggregation != "secagg":
         return
     if is_simulation(grid):
-        nodes = _settled_node_count(grid, min(cfg.node_wait_timeout, 30.0))
+        nodes = settled if settled is not None else _settled_node_count(grid, min(cfg.node_wait_timeout, 30.0))
     elif getattr(grid, "simulated", False):
         nodes = len(list(grid.get_node_ids()))
     else:

@@ -121,8 +121,8 @@ def prepare_run(cfg: RunConfig, grid: Grid | None = None) -> tuple[Any, Any, Run
     if cfg.aggregation == "secagg":
         check_flower_version()
     if grid is not None:
-        check_simulated_federation(grid, cfg, task.num_clusters)
-        check_secure_sample(grid, cfg)
+        settled = check_simulated_federation(grid, cfg, task.num_clusters)
+        check_secure_sample(grid, cfg, settled)  # the settled count is waited for once
     handle = build_handle(cfg, task.build_model)
     run_dir = _run_dir(cfg)
     if cfg.resume and not Checkpoints(run_dir / "checkpoint").exists():
