@@ -138,7 +138,7 @@ def _signal_all(pids: list[int], sig: int) -> None:
 
 
 def stop_marked(mark: str, fallback: list[subprocess.Popen], term_grace: float = 4.0,
-                kill_grace: float = 3.0) -> int:
+                kill_grace: float = 10.0) -> int:
     """Stop every process carrying ``mark``: SIGTERM, then SIGKILL what is left after
     ``term_grace`` seconds (Ray's agents ignore SIGTERM for a while). Returns how many there
     were. Without /proc: the process groups of ``fallback``."""
@@ -156,13 +156,17 @@ def stop_marked(mark: str, fallback: list[subprocess.Popen], term_grace: float =
         return len(fallback)
     n = len(pids)
     _signal_all(pids, signal.SIGTERM)
-    for sig, grace in ((signal.SIGKILL, term_grace), (None, kill_grace)):
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.2)
-            pids = marked_pids(mark) or []
-        if pids and sig is not None:
-            _signal_all(pids, sig)
+    deadline = time.monotonic() + term_grace
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = marked_pids(mark) or []
+    # SIGKILL every pass, not once: a dying parent (Ray's raylet, the simulation's worker pool)
+    # can still fork a child after the first SIGKILL went out, and that child carries the mark too.
+    deadline = time.monotonic() + kill_grace
+    while pids and time.monotonic() < deadline:
+        _signal_all(pids, signal.SIGKILL)
+        time.sleep(0.2)
+        pids = marked_pids(mark) or []
     for p in fallback:  # reap our direct children
         try:
             p.wait(timeout=1)

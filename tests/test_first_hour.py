@@ -49,6 +49,14 @@ def _marked(value: str) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    """What a left-over process is, for the failure message."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "?"
+
+
 def _kill_marked(value: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in _marked(value):
@@ -291,6 +299,25 @@ def test_stop_marked_ends_every_marked_process_even_in_another_session_ignoring_
     assert not left
 
 
+def test_stop_marked_also_kills_a_child_forked_after_the_first_sigkill(monkeypatch):
+    """A dying parent can fork between the /proc scan and the SIGKILL; the newcomer must get one too."""
+    alive = {101}
+    sent: list[tuple[int, int]] = []
+
+    def fake_signal_all(pids, sig):
+        for pid in pids:
+            sent.append((pid, sig))
+            if sig == signal.SIGKILL and pid in alive:
+                alive.discard(pid)
+                if pid == 101:  # the parent's last fork lands just as it dies
+                    alive.add(202)
+
+    monkeypatch.setattr(launch, "marked_pids", lambda mark: sorted(alive))
+    monkeypatch.setattr(launch, "_signal_all", fake_signal_all)
+    assert launch.stop_marked("m", [], term_grace=0.3, kill_grace=3.0) == 1
+    assert (202, signal.SIGKILL) in sent and not alive
+
+
 def _pump_lines(stream, q: "queue.Queue[str]") -> None:
     for line in stream:
         q.put(line)
@@ -329,7 +356,7 @@ def test_ctrl_c_stops_the_run_and_every_process_launch_started(tmp_path):
         assert "Ctrl-C: stopping run" in text and "stopped" in seen[-1] and "resume=true" in seen[-1]
         left = [p for p in _marked(mark) if Path(f"/proc/{p}").exists()
                 and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
-        assert not left, left
+        assert not left, [(p, _cmdline(p)) for p in left]
         assert not list(tmp.glob("floral-launch-*"))  # its SuperLink folder is gone too
         assert (tmp_path / "ctrl-c" / "checkpoint" / "meta.json").exists()  # resumable
     finally:
