@@ -60,3 +60,31 @@ def test_unused_adaptors_do_not_move_and_keep_their_moments(optimizer):
         used_before |= set(np.flatnonzero(totals > 0).tolist())
         previous, prev_moments = state, moments
     assert held_after_use > 0  # an adaptor with momentum from an earlier round was held still
+
+
+def _counters_after(optimizer: str, rounds: int = 3) -> dict[str, np.ndarray]:
+    run = {"task": "synthetic-linear-bn", "method": "floral", "persist-client-state": False,
+           "server-optimizer": optimizer, "server-lr": 0.001, "aggregation": "mean", "min-available-nodes": 1}
+    cfg = parse_run_config(run)
+    handle = build_handle(cfg, task_info(cfg.task).build_model)
+    initial = {k: v.detach().numpy().copy() for k, v in handle.shared_state_dict().items()}
+    strategy = build_strategy(optimizer, num_adaptors=cfg.num_adaptors, metric="mse", seed=1, eval_every=100,
+                              num_rounds=rounds, fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=1,
+                              node_wait_timeout=10, server_lr=0.001)
+    grid = InlineGrid(make_client_app(run), 3, run_config=run)
+    result = strategy.start(grid, ArrayRecord({k: to_array(v) for k, v in initial.items()}), num_rounds=rounds,
+                            train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+    final = {k: np.array(a.numpy()) for k, a in result.arrays.items()}
+    return {k: v for k, v in final.items() if v.dtype.kind in "iub"}
+
+
+@pytest.mark.parametrize("optimizer", ["fedadam", "fedyogi", "fedavgm"])
+def test_batchnorm_counters_are_averaged_not_optimizer_stepped(optimizer):
+    # a BatchNorm's num_batches_tracked counts batches: every client adds the same number per
+    # round whatever the base, so under any server optimizer it must match plain FedAvg's
+    counters = _counters_after(optimizer)
+    plain = _counters_after("fedavg")
+    assert counters and set(counters) == set(plain)
+    for k, v in plain.items():
+        assert int(v) > 0, k  # the counter really counts here
+        np.testing.assert_array_equal(counters[k], v, err_msg=f"{optimizer} {k}")

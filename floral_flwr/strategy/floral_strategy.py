@@ -42,8 +42,9 @@ from floral_flwr.strategy.eval_fold import PendingEval, fold_into, split_folded_
 from floral_flwr.strategy.evaluation import collect_eval_rows, summarize_round
 from floral_flwr.strategy.exchange import DEFAULT_POLL, exchange
 from floral_flwr.strategy.nodes import ClientDirectory, sample_nodes, wait_for_nodes
-from floral_flwr.strategy.optimizer_state import (DtypePin, hold_unused_slices, load_optimizer_state,
-                                                  non_finite_keys, optimizer_state, snapshot_moments)
+from floral_flwr.strategy.optimizer_state import (DtypePin, counters_from_aggregate, hold_unused_slices, integer_entries,
+                                                  load_optimizer_state, non_finite_keys, optimizer_state,
+                                                  snapshot_moments)
 from floral_flwr.strategy.robust import make_accumulator
 from floral_flwr.strategy.replies import fold_train_replies, record_nbytes, report_unanswered
 from floral_flwr.strategy.round_stats import RoundStats
@@ -144,6 +145,7 @@ class FloralStrategy(FedAvg):
         self.robust, self.clip_norm, self.trim_fraction = "none", 0.0, 0.2
         self._first_cause = ""
         self._keep_dtypes = DtypePin()
+        self._plain_counters: dict[str, Any] | None = None  # integer entries of the last aggregate
         self._template: dict[str, np.ndarray] | None = None
         self.stats: RoundStats = RoundStats(0)
         self.total_failures = 0
@@ -241,6 +243,7 @@ class FloralStrategy(FedAvg):
         if new_arrays is None:
             raise RunFailed(self._nothing_accepted(rnd))
         new_arrays = hold_unused_slices(self, moments, arrays, new_arrays, self.stats.adaptor_totals)
+        new_arrays = counters_from_aggregate(self, new_arrays, self._plain_counters)
         bad = non_finite_keys(new_arrays)
         if bad:
             raise NonFiniteState(f"round {rnd}: the new global state has NaN/Inf in {bad[:5]}: not adopted "
@@ -333,9 +336,12 @@ class FloralStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, then fold the good ones into the p(k|c) accumulator (under
         secagg: decode the exchange's sum instead; Flower's optimizers wrap either)."""
+        self._plain_counters = None  # the aggregate's counters, before a server optimizer steps on them
         if self._pending_secure is not None:
             exchange, self._pending_secure = self._pending_secure, None
-            return aggregate_secure(self, server_round, exchange)
+            out, metrics = aggregate_secure(self, server_round, exchange)
+            self._plain_counters = integer_entries(out) if out is not None else None
+            return out, metrics
         assert self._template is not None, "configure_train must run before aggregate_train"
         t_start = time.perf_counter()
         acc = make_accumulator(self._template, self.num_adaptors, self.robust, self.clip_norm, self.trim_fraction)
@@ -363,6 +369,7 @@ class FloralStrategy(FedAvg):
         if bad:  # cannot come from finite inputs; checked before Flower's optimizers step on it
             raise NonFiniteState(f"round {server_round}: the aggregate has NaN/Inf in {bad[:5]}: not adopted")
         out = ArrayRecord({k: to_array(v) for k, v in aggregate.items()})
+        self._plain_counters = integer_entries(out)
         metrics = MetricRecord({"train-loss": self.stats.train_loss, "num-replies": acc.num_replies})
         self.stats.seconds_aggregate = time.perf_counter() - t_start
         return out, metrics

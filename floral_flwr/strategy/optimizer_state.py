@@ -11,6 +11,10 @@ An adaptor (ensemble/IFCA model) slice that received no weight this round has no
 it: the aggregate keeps its value, but momentum and adaptive moments would still move it
 (FedAdam moved an unused adaptor 1.0 -> 1.9 -> 2.71). :func:`hold_unused_slices` puts such
 slices, and their moments, back as they were before the step (:func:`snapshot_moments`).
+
+Integer entries (BatchNorm's ``num_batches_tracked``) are counters, not parameters: a server
+step of size ``server-lr`` on them rounds back to where they were (FedAdam at 0.001 kept every
+counter at 0), so :func:`counters_from_aggregate` gives them the plain aggregate's value.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 from floral_flwr.strategy.aggregate import is_adaptor_key
 from floral_flwr.strategy.validation import all_finite
@@ -117,6 +121,24 @@ def hold_unused_slices(strategy: Any, before: dict[str, Any] | None, old: ArrayR
                 v[unused] = prev_mv[i][unused] if prev_mv is not None else 0.0
                 mv[i] = v
     record = ArrayRecord({k: to_array(v) for k, v in out.items()})
+    if isinstance(getattr(strategy, "current_arrays", None), ArrayRecord):
+        strategy.current_arrays = record  # FedAvgM steps from its own copy of the last state
+    return record
+
+
+def integer_entries(arrays: ArrayRecord) -> dict[str, Array]:
+    """The integer and bool entries of ``arrays`` (counters), kept aside before a server step
+    (FedAvgM clears the record it steps on)."""
+    return {k: a for k, a in arrays.items() if from_array(a).dtype.kind in "iub"}
+
+
+def counters_from_aggregate(strategy: Any, new: ArrayRecord, counters: dict[str, Array] | None) -> ArrayRecord:
+    """``new`` (after the server optimizer's step) with every integer or bool entry set to its
+    value in the plain aggregate (``counters``, from :func:`integer_entries`)."""
+    counters = {k: a for k, a in (counters or {}).items() if k in new}
+    if not counters or all(new[k] is a for k, a in counters.items()):
+        return new
+    record = ArrayRecord({k: counters.get(k, a) for k, a in new.items()})
     if isinstance(getattr(strategy, "current_arrays", None), ArrayRecord):
         strategy.current_arrays = record  # FedAvgM steps from its own copy of the last state
     return record
