@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import itertools
 import json
 import os
 import statistics
@@ -47,6 +48,7 @@ from flwr.proto.message_pb2 import PullObjectResponse, PushObjectRequest  # noqa
 from flwr.supercore.inflatable.inflatable_object import (  # noqa: E402 - reads Flower's object head
     get_object_head_values_from_object_content)
 
+from floral_flwr.deploy.certificates import make_certs  # noqa: E402
 from floral_flwr.deploy.deployment import Deployment  # noqa: E402
 
 PARTS = ("http", "envelope", "object heads", "array data", "other object bodies")
@@ -69,6 +71,7 @@ class Exchange:
     up: dict[str, int] = field(default_factory=dict)  # part -> bytes
     down: dict[str, int] = field(default_factory=dict)
     objects: list[tuple[str, int, int]] = field(default_factory=list)  # (type, head bytes, body bytes)
+    heads: tuple[bytes, bytes] = (b"", b"")  # the request's and the response's HTTP head
 
 
 def _parse_stream(chunks: list[tuple[float, bytes]]) -> list[Half]:
@@ -153,7 +156,7 @@ def exchanges(record: list[tuple[float, int, bool, bytes]]) -> list[Exchange]:
         responses = _parse_stream(streams.get((conn, False), []))
         for req, resp in zip(requests, responses):  # httpx: one request at a time per connection
             path = req.head.split(b"\r\n", 1)[0].split(b" ")[1].decode()
-            ex = Exchange(req.t, path)
+            ex = Exchange(req.t, path, heads=(req.head, resp.head))
             ex.up = _split(ex, req, True)
             ex.down = _split(ex, resp, False)
             out.append(ex)
@@ -190,13 +193,52 @@ def _by_path(exs: list[Exchange]) -> dict[str, list[Exchange]]:
     return groups
 
 
-def run(out: Path, nodes: int, rounds: int, idle: float, path: str) -> str:
+TLS_TYPES = {20: "change-cipher-spec", 21: "alert", 22: "handshake", 23: "application data"}
+
+
+def tls_records(record: list[tuple[float, int, bool, bytes]]) -> list[tuple[float, bool, int, int]]:
+    """(time, upstream, content type, length incl. the 5-byte header) of every TLS record."""
+    streams: dict[tuple[int, bool], list[tuple[float, bytes]]] = collections.defaultdict(list)
+    for t, conn, upstream, data in record:
+        streams[(conn, upstream)].append((t, data))
+    out = []
+    for (_, upstream), chunks in streams.items():
+        buf = b"".join(d for _, d in chunks)
+        starts = list(itertools.accumulate([0] + [len(d) for _, d in chunks[:-1]]))
+        pos = 0
+        while pos + 5 <= len(buf):
+            n = int.from_bytes(buf[pos + 3:pos + 5], "big")
+            t = chunks[max(0, bisect.bisect_right(starts, pos) - 1)][0]
+            out.append((t, upstream, buf[pos], 5 + n))
+            pos += 5 + n
+    return sorted(out)
+
+
+def _tls_report(recs: list[tuple[float, bool, int, int]], windows: list[tuple[float, float]], per: float,
+                label: str) -> list[str]:
+    """TLS records in ``windows``: count and bytes per type and direction, per ``label``. A TLS 1.3
+    application-data record adds 22 bytes to what it carries (5 header, 1 inner type, 16 tag)."""
+    lines = [f"| TLS record type | records up / down per {label} | bytes up / down per {label} |", "|---|---|---|"]
+    for kind in sorted({r[2] for r in recs}):
+        sel = [r for r in recs if r[2] == kind and any(a <= r[0] < b for a, b in windows)]
+        up = [r for r in sel if r[1]]
+        down = [r for r in sel if not r[1]]
+        lines.append(f"| {TLS_TYPES.get(kind, kind)} | {len(up) / per:.1f} / {len(down) / per:.1f} | "
+                     f"{sum(r[3] for r in up) / per:,.0f} / {sum(r[3] for r in down) / per:,.0f} |")
+    sel = [r for r in recs if any(a <= r[0] < b for a, b in windows)]
+    lines.append(f"| **all** | {sum(r[1] for r in sel) / per:.1f} / {sum(not r[1] for r in sel) / per:.1f} | "
+                 f"**{sum(r[3] for r in sel if r[1]) / per:,.0f}** / **{sum(r[3] for r in sel if not r[1]) / per:,.0f}** |")
+    return lines
+
+
+def run(out: Path, nodes: int, rounds: int, idle: float, path: str, tls: bool = False) -> str:
     partitions = 4 if nodes == 2 else nodes
     extra = "fraction-train=0.5 fraction-evaluate=0.5" if nodes == 2 else ""
     runtime = WARM if path == "warm" else TODAY
     poll = "" if path == "warm" else "reply-poll=0"
-    name = f"wire-{path}{nodes}"
+    name = f"wire-{path}{nodes}" + ("-tls" if tls else "")
     work = out / f"work-{name}"
+    certs = make_certs(work / "certs", nodes) if tls else None
     record: list[tuple[float, int, bool, bytes]] = []
     lock = threading.Lock()
 
@@ -205,7 +247,7 @@ def run(out: Path, nodes: int, rounds: int, idle: float, path: str) -> str:
             record.append((time.monotonic(), conn, upstream, data))
 
     with LoadSampler() as load, Deployment(work, nodes, partitions, state_root=work / "state", proxy=True,
-                                           runtime=runtime) as d:
+                                           runtime=runtime, certs=certs) as d:
         assert d.byte_counter is not None
         d.byte_counter.tap = tap
         d.wait_warm()
@@ -229,9 +271,23 @@ def run(out: Path, nodes: int, rounds: int, idle: float, path: str) -> str:
         stop.set()
         watcher.join()
     summary = json.loads((out / name / "summary.json").read_text())
+    warm_windows = [(marks[r], marks[r + 1]) for r in range(1, rounds - 1) if r in marks and r + 1 in marks]
+    load_s = load.summary()
+    head = [f"### {nodes} SuperNodes, {path} path{', TLS' if tls else ''} ({status}; load average "
+            f"{load_s['load-min']:.1f} / {load_s['load-median']:.1f} / {load_s['load-max']:.1f} min/median/max)", "",
+            f"payload per round (strategy's count, ArrayRecord incl. .npy headers): up "
+            f"{summary.get('bytes-up-per-round'):,} / down {summary.get('bytes-down-per-round'):,}; "
+            f"warm rounds {len(warm_windows)}, mean "
+            f"{statistics.mean(b - a for a, b in warm_windows) if warm_windows else float('nan'):.2f} s"]
+    if tls:  # encrypted: count TLS records instead of HTTP exchanges
+        recs = tls_records(record)
+        n_warm = max(1, len(warm_windows))
+        return "\n".join(head + ["", f"Idle fleet ({idle:.0f} s before the run), per second:", "",
+                                 *_tls_report(recs, [(idle_from, idle_to)], idle_to - idle_from, "s"), "",
+                                 "Warm training round (rounds 2..R-1), per round:", "",
+                                 *_tls_report(recs, warm_windows, n_warm, "round"), ""])
     exs = exchanges(record)
     idle_exs = [e for e in exs if idle_from <= e.t < idle_to]
-    warm_windows = [(marks[r], marks[r + 1]) for r in range(1, rounds - 1) if r in marks and r + 1 in marks]
     warm_exs = [e for e in exs if any(a <= e.t < b for a, b in warm_windows)]
     warm_s = statistics.mean(b - a for a, b in warm_windows) if warm_windows else float("nan")
     n_warm = max(1, len(warm_windows))
@@ -241,17 +297,12 @@ def run(out: Path, nodes: int, rounds: int, idle: float, path: str) -> str:
         for kind, head, body in e.objects:
             objects[kind] += 1
             object_bytes[kind] += head + body
-    load_s = load.summary()
     # every recorded byte must land in some exchange's parts (else the parser lost something)
     rec_up = sum(len(x[3]) for x in record if x[2])
     rec_down = sum(len(x[3]) for x in record if not x[2])
     got_up = sum(sum(e.up.values()) for e in exs)
     got_down = sum(sum(e.down.values()) for e in exs)
-    lines = [f"### {nodes} SuperNodes, {path} path ({status}; load average {load_s['load-min']:.1f} / "
-             f"{load_s['load-median']:.1f} / {load_s['load-max']:.1f} min/median/max)", "",
-             f"payload per round (strategy's count, ArrayRecord incl. .npy headers): up "
-             f"{summary.get('bytes-up-per-round'):,} / down {summary.get('bytes-down-per-round'):,}; "
-             f"warm rounds {len(warm_windows)}, mean {warm_s:.2f} s; parsed {got_up:,} of {rec_up:,} bytes up "
+    lines = [head[0], "", head[2] + f" ({warm_s:.2f} s); parsed {got_up:,} of {rec_up:,} bytes up "
              f"and {got_down:,} of {rec_down:,} down into {len(exs):,} HTTP exchanges", "",
              f"Idle fleet ({idle:.0f} s before the run), per second:", "",
              *_table(_by_path(idle_exs), idle_to - idle_from, "s"), "",
@@ -259,6 +310,11 @@ def run(out: Path, nodes: int, rounds: int, idle: float, path: str) -> str:
              *_table(_by_path(warm_exs), n_warm, "round"), "",
              "Objects moved per warm round (count, bytes incl. head): " + ", ".join(
                  f"{k} {objects[k] / n_warm:.1f} ({object_bytes[k] / n_warm:,.0f})" for k in sorted(objects)), ""]
+    sample = next((e for e in warm_exs if e.path.endswith("pull-messages")), None)
+    if sample is not None:  # what an HTTP head carries (every request has one)
+        lines += ["One pull-messages request and response head, as on the wire:", "", "```",
+                  sample.heads[0].decode(errors="replace").rstrip(), "", sample.heads[1].decode(errors="replace").rstrip(),
+                  "```", ""]
     return "\n".join(lines)
 
 
@@ -268,14 +324,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--idle", type=float, default=30.0)
     ap.add_argument("--path", choices=["warm", "today"], default="warm")
+    ap.add_argument("--tls", action="store_true", help="TLS between SuperNodes and SuperLink (counts TLS records)")
     ap.add_argument("--out", default="/tmp/bench-wire")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    text = run(out, a.nodes, a.rounds, a.idle, a.path)
+    text = run(out, a.nodes, a.rounds, a.idle, a.path, a.tls)
     print(text)
-    (out / f"results-{a.path}{a.nodes}.md").write_text(text + "\n")
+    (out / f"results-{a.path}{a.nodes}{'-tls' if a.tls else ''}.md").write_text(text + "\n")
     return 0
 
 
