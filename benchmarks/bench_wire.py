@@ -276,7 +276,7 @@ def run(out: Path, nodes: int, rounds: int, idle: float, path: str, tls: bool = 
     head = [f"### {nodes} SuperNodes, {path} path{', TLS' if tls else ''} ({status}; load average "
             f"{load_s['load-min']:.1f} / {load_s['load-median']:.1f} / {load_s['load-max']:.1f} min/median/max)", "",
             f"payload per round (strategy's count, ArrayRecord incl. .npy headers): up "
-            f"{summary.get('bytes-up-per-round'):,} / down {summary.get('bytes-down-per-round'):,}; "
+            f"{summary.get('bytes-up-per-round'):,.0f} / down {summary.get('bytes-down-per-round'):,.0f}; "
             f"warm rounds {len(warm_windows)}, mean "
             f"{statistics.mean(b - a for a, b in warm_windows) if warm_windows else float('nan'):.2f} s"]
     if tls:  # encrypted: count TLS records instead of HTTP exchanges
