@@ -27,7 +27,9 @@ direction, no loss: this kernel has no ``tc netem``; ``tests/test_deploy_netns.p
 where the kernel has it). Per-message start-up: the warm executor logs, per message, the time
 from the fork to the ClientApp handler; a cold ``flwr-clientapp`` pays at least the imports,
 timed here as a fresh interpreter importing torch, Flower's ClientApp runtime and the app.
-Prints a Markdown report (also ``<out>/results.md``, raw numbers in ``<out>/results.json``).
+Each row also gives the 1-minute load average sampled every 2 s while that setting ran (min /
+median / max; the machine is shared). Prints a Markdown report (also ``<out>/results.md``, raw
+numbers in ``<out>/results.json``, rewritten after every setting).
 """
 
 from __future__ import annotations

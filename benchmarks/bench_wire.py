@@ -1,7 +1,7 @@
 """Where the bytes on the wire go: every Fleet API exchange of a loopback deployment, taken apart.
 
     python benchmarks/bench_wire.py [--nodes 2] [--rounds 5] [--idle 30] [--path warm|today]
-                                    [--out /tmp/bench-wire]
+                                    [--tls] [--out /tmp/bench-wire]
 
 Runs the same deployment as ``bench_deploy.py`` (digits-label-shift, ``aggregation='mean'``,
 evaluation only in the last round; 2 nodes host clients 0, 1 of 4 with one trainer per round, 6
@@ -21,7 +21,9 @@ the recorded streams parse into requests and responses; each is split into
 per endpoint (pull-messages polls, heartbeats, push/pull of objects, confirmations ...), for an
 idle period before the run (``--idle`` s: what a waiting fleet costs per second) and for each
 warm training round (rounds 2..R-1). ``payload`` is what the strategy counts (summary.json:
-ArrayRecord bytes incl. ``.npy`` headers). Prints a Markdown report (also ``<out>/results.md``).
+ArrayRecord bytes incl. ``.npy`` headers). ``--tls``: the same deployment with TLS; the streams are
+then counted as TLS records (handshake, application data) instead. Prints a Markdown report (also
+``<out>/results-<path><nodes>[-tls].md``). Results: ``RESULTS_edge.md``, "Where the wire bytes go".
 """
 
 from __future__ import annotations
