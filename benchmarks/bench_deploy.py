@@ -27,7 +27,9 @@ direction, no loss: this kernel has no ``tc netem``; ``tests/test_deploy_netns.p
 where the kernel has it). Per-message start-up: the warm executor logs, per message, the time
 from the fork to the ClientApp handler; a cold ``flwr-clientapp`` pays at least the imports,
 timed here as a fresh interpreter importing torch, Flower's ClientApp runtime and the app.
-Prints a Markdown report (also ``<out>/results.md``, raw numbers in ``<out>/results.json``).
+Each row also gives the 1-minute load average sampled every 2 s while that setting ran (min /
+median / max; the machine is shared). Prints a Markdown report (also ``<out>/results.md``, raw
+numbers in ``<out>/results.json``, rewritten after every setting).
 """
 
 from __future__ import annotations
@@ -84,6 +86,33 @@ def _rounds(run_dir: Path) -> dict:
     }
 
 
+class LoadSampler:
+    """The 1-minute load average, sampled every ``every`` s while a setting runs (the machine is
+    shared: each row says how loaded it was during that row, not only at the end)."""
+
+    def __init__(self, every: float = 2.0) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
+
+    def _sample(self, every: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(every)
+
+    def __enter__(self) -> "LoadSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"load-min": min(s), "load-median": statistics.median(s), "load-max": max(s)}
+
+
 def _startups(work: Path) -> list[float]:
     out = []
     for log in sorted((work / "logs").glob("supernode-*.log")):
@@ -96,8 +125,8 @@ def deployment(out: Path, name: str, nodes: int, partitions: int, rounds: int, e
     work = out / f"work-{name}"
     t0 = time.monotonic()
     poll = "" if runtime.executor == "warm" else "reply-poll=0"
-    with Deployment(work, nodes, partitions, state_root=work / "state", proxy=True, runtime=runtime,
-                    proxy_delay_s=delay_s, proxy_rate_bit_s=rate) as d:
+    with LoadSampler() as load, Deployment(work, nodes, partitions, state_root=work / "state", proxy=True,
+                                           runtime=runtime, proxy_delay_s=delay_s, proxy_rate_bit_s=rate) as d:
         d.wait_warm()
         run_id = d.submit(ROOT, _cfg(out, name, rounds, f"{extra} {poll} min-available-nodes={nodes}"))
         marks: dict[int, tuple[int, int]] = {}  # rounds recorded -> proxy byte counts at that moment
@@ -123,19 +152,20 @@ def deployment(out: Path, name: str, nodes: int, partitions: int, rounds: int, e
     res.update(status=status, wall_s=time.monotonic() - t0, wire_up=up, wire_down=down,
                warm_wire=[statistics.median(x) for x in zip(*warm)] if warm else None,
                startup_median_s=statistics.median(starts[1:]) if len(starts) > 1 else None,
-               startup_n=len(starts))
+               startup_n=len(starts), **load.summary())
     return res
 
 
 def simulation(out: Path, name: str, clients: int, rounds: int, extra: str) -> dict:
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "floral_flwr.launch", "--num-supernodes", str(clients),
-                        "--work-dir", str(out / f"work-{name}"),
-                        "--run-config", _cfg(out, name, rounds, extra + f" min-available-nodes={clients}")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=7200)
+    with LoadSampler() as load:
+        p = subprocess.run([sys.executable, "-m", "floral_flwr.launch", "--num-supernodes", str(clients),
+                            "--work-dir", str(out / f"work-{name}"),
+                            "--run-config", _cfg(out, name, rounds, extra + f" min-available-nodes={clients}")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=7200)
     res = _rounds(out / name)
     res.update(status="finished:completed" if p.returncode == 0 else f"rc {p.returncode}",
-               wall_s=time.monotonic() - t0)
+               wall_s=time.monotonic() - t0, **load.summary())
     return res
 
 
@@ -161,19 +191,38 @@ def report(results: dict, cold: float | None, started: float) -> str:
     if cold is not None:
         lines += [f"cold ClientApp imports (fresh interpreter: torch + Flower's ClientApp runtime + the app): "
                   f"{cold:.2f} s", ""]
-    lines += ["| setting | status | round 1 s | warm rounds s (2..R-1) | median warm round s | eval round s | "
+    lines += ["| setting | status | load avg min/median/max | round 1 s | warm rounds s (2..R-1) | median warm round s | eval round s | "
               "mean s | ClientApp start-up s (median, n) | payload up/down per round | wire up/down, warm round | train losses |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in results.items():
         warm = r.get("warm_wire")
         wire = f"{warm[0]:,.0f} / {warm[1]:,.0f}" if warm else ("n/a (in-process)" if "wire_up" not in r else "n/a")
         start = (f"{_fmt(r['startup_median_s'], 3)} ({r['startup_n']})" if r.get("startup_median_s") is not None
                  else ("cold process" if "wire_up" in r else "n/a"))
-        lines.append(f"| {k} | {r['status']} | {_fmt(r['first-round-s'], 1)} | {r['warm-rounds-s']} | "
+        row_load = (f"{r['load-min']:.1f} / {r['load-median']:.1f} / {r['load-max']:.1f}" if "load-min" in r
+                    else "n/a")
+        lines.append(f"| {k} | {r['status']} | {row_load} | {_fmt(r['first-round-s'], 1)} | {r['warm-rounds-s']} | "
                      f"**{_fmt(r['median-warm-round-s'])}** | {_fmt(r['eval-round-s'])} | {_fmt(r['mean-warm-round-s'])} | {start} | "
                      f"{r['payload-up']:,.0f} / {r['payload-down']:,.0f} | {wire} | "
                      f"{', '.join(x[:8] for x in r['train-loss'])} |")
     return "\n".join(lines)
+
+
+class SavedResults(dict):
+    """The results so far, rewritten to ``<out>/results.json`` after every setting (a long run that
+    fails in its last setting keeps the others)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.cold: float | None = None
+
+    def __setitem__(self, key: str, value: dict) -> None:
+        super().__setitem__(key, value)
+        self.save()
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps({"cold-import-s": self.cold, **self}, indent=1, default=str))
 
 
 def main() -> int:
@@ -186,8 +235,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     started = time.monotonic()
-    results: dict[str, dict] = {}
-    cold = cold_import_s() if a.only in (None, "2") else None
+    results = SavedResults(out / "results.json")
+    cold = results.cold = cold_import_s() if a.only in (None, "2") else None
     half = "fraction-train=0.5 fraction-evaluate=0.5"
     if a.only in (None, "2"):
         results["2 nodes, today"] = deployment(out, "today2", 2, 4, a.rounds, half, TODAY)
@@ -214,7 +263,7 @@ def main() -> int:
     text = report(results, cold, started)
     print(text)
     (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"cold-import-s": cold, **results}, indent=1, default=str))
+    results.save()
     return 0
 
 

@@ -127,6 +127,37 @@ def test_byte_counting_proxy_forwards_and_counts():
         srv.close()
 
 
+def test_byte_counting_proxy_tap_sees_every_forwarded_byte_per_connection_and_direction():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(2)
+    proxy = deploy.ByteCountingProxy("127.0.0.1", srv.getsockname()[1])
+    seen: list[tuple[int, bool, bytes]] = []
+    proxy.tap = lambda conn, upstream, data: seen.append((conn, upstream, data))
+    try:
+        for i, (up, down) in enumerate([(b"first-up" * 50, b"first-down"), (b"second-up", b"second-down" * 30)]):
+            c = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            s, _ = srv.accept()
+            c.sendall(up)
+            got = b""
+            while len(got) < len(up):
+                got += s.recv(4096)
+            s.sendall(down)
+            back = b""
+            while len(back) < len(down):
+                back += c.recv(4096)
+            c.close(), s.close()
+        time.sleep(0.2)
+        joined = {(conn, u): b"".join(d for k, uu, d in seen if k == conn and uu == u)
+                  for conn in (0, 1) for u in (True, False)}
+        assert joined == {(0, True): b"first-up" * 50, (0, False): b"first-down",
+                          (1, True): b"second-up", (1, False): b"second-down" * 30}
+        assert sum(len(d) for _, _, d in seen) == sum(proxy.snapshot())
+    finally:
+        proxy.close()
+        srv.close()
+
+
 @pytest.mark.parametrize("runtime", [NodeRuntime(), NodeRuntime(executor="flower", node_poll=0)],
                          ids=["warm-executor", "flower-superexec"])
 def test_unreachable_superlink_ends_the_supernode_in_bounded_time(tmp_path, runtime):

@@ -5,10 +5,13 @@ and the edge-network benchmark.
 Node i lives in namespace ``<name>-n<i>`` at ``198.18.<i>.2/24`` (RFC 2544 benchmark range);
 the SuperLink's end of its link is ``198.18.<i>.1`` in this namespace, so every byte between
 them crosses a veth pair on non-loopback addresses. ``shape`` puts an edge link on both ends
-(``netem`` delay/loss/rate where the kernel has it, else ``tbf``: rate only), ``cut`` and
-``restore`` take a link down and up. Everything is made by this process and torn down by
-``down`` (deleting a namespace deletes its veth pair). Needs root (CAP_NET_ADMIN) and the
-``ip``/``tc`` tools; :func:`labnet_problem` says why not, in one line, where they are missing.
+(``netem`` delay/loss/rate where the kernel has it, else ``tbf`` for the rate and, where the
+``iptables`` tool and the kernel's ``statistic`` match are there, random packet loss as
+``iptables`` DROP rules on the receiving end of the link), ``cut`` and ``restore`` take a link
+down and up. Everything is made by this process and torn down by ``down`` (deleting a namespace
+deletes its veth pair; the loss rules in this namespace are deleted one by one). Needs root
+(CAP_NET_ADMIN) and the ``ip``/``tc`` tools; :func:`labnet_problem` says why not, in one line,
+where they are missing; :func:`iptables_loss_problem` the same for the loss without netem.
 """
 
 from __future__ import annotations
@@ -59,6 +62,30 @@ def netem_available() -> bool:
         _run("ip", "netns", "del", ns, check=False)
 
 
+def _loss_rule(dev: str, loss_pct: float) -> list[str]:
+    """The INPUT rule that drops ``loss_pct`` % of the packets arriving on ``dev`` at random."""
+    return ["INPUT", "-i", dev, "-m", "statistic", "--mode", "random", "--probability",
+            f"{loss_pct / 100:.6g}", "-j", "DROP"]
+
+
+def iptables_loss_problem() -> str | None:
+    """None when random packet loss can be made without netem (``iptables`` with the kernel's
+    ``statistic`` match, probed in a throw-away namespace), else why not (one line)."""
+    if shutil.which("iptables") is None:
+        return "the `iptables` tool is not installed (Debian/Ubuntu: apt-get install -y iptables)"
+    ns = f"flloss{os.getpid() % 100000}"
+    try:
+        _run("ip", "netns", "add", ns)
+        p = _run("ip", "netns", "exec", ns, "iptables", "-w", "-A", *_loss_rule("lo", 1.0), check=False)
+        if p.returncode != 0:
+            return f"`iptables -m statistic` refused: {(p.stderr or p.stdout).strip()}"
+        return None
+    except LabNetError as exc:
+        return str(exc)
+    finally:
+        _run("ip", "netns", "del", ns, check=False)
+
+
 @dataclass
 class LabNet:
     """``num_nodes`` namespaces joined to this one by veth pairs (see the module docstring)."""
@@ -66,6 +93,8 @@ class LabNet:
     num_nodes: int
     name: str = field(default_factory=lambda: f"fl{os.getpid() % 10000}")
     made: list[str] = field(default_factory=list)
+    # loss rules (node, side, rule) in place; those of side "node" live in this namespace
+    loss_rules: list[tuple[int, str, list[str]]] = field(default_factory=list)
 
     def ns(self, i: int) -> str:
         return f"{self.name}-n{i}"
@@ -102,7 +131,10 @@ class LabNet:
         return self
 
     def down(self) -> None:
-        """Delete every namespace this object made (their veth pairs go with them)."""
+        """Delete every namespace this object made (their veth pairs go with them) and every loss
+        rule it added here."""
+        for i in range(self.num_nodes):
+            self._drop_loss(i)
         for ns in reversed(self.made):
             _run("ip", "netns", "del", ns, check=False)
         for i in range(self.num_nodes):  # a host end left by a half-made pair
@@ -125,8 +157,12 @@ class LabNet:
     def shape(self, i: int, delay_ms: float = 0.0, rate_mbit: float | None = None, loss_pct: float = 0.0,
               sides: tuple[str, ...] = ("host", "node"), netem: bool = True) -> None:
         """An edge link for node i on the given sides (each side delays its own egress, so the
-        round trip is ``2 * delay_ms``). ``netem=False`` (kernels without it): ``tbf``, rate only."""
+        round trip is ``2 * delay_ms``). ``netem=False`` (kernels without it): ``tbf`` for the rate,
+        ``iptables`` for the loss (see :func:`iptables_loss_problem`; a LabNetError where it is
+        missing), no delay."""
         for side in sides:
+            if loss_pct and not netem:
+                self._add_loss(i, side, loss_pct)
             if netem:
                 spec = ["netem"]
                 if delay_ms:
@@ -143,7 +179,45 @@ class LabNet:
         """A very slow link (a straggler): ``tbf`` at ``rate_kbit``."""
         self._tc(i, side, "tbf", "rate", f"{rate_kbit:g}kbit", "burst", "4kb", "latency", "60s")
 
+    def _add_loss(self, i: int, side: str, loss_pct: float) -> None:
+        """Drop ``loss_pct`` % of what ``side`` sends at random, where it arrives (as a lossy
+        link would). Segmentation offload is turned off on both ends first, so a packet is one
+        MTU-sized frame, not a 64 KB TCP super-packet, and the loss is per frame as on a wire."""
+        if (problem := iptables_loss_problem()) is not None:
+            raise LabNetError(f"packet loss without netem: {problem}")
+        _run("ip", "link", "set", "dev", self.host_dev(i), "gso_max_segs", "1")
+        _run("ip", "-n", self.ns(i), "link", "set", "dev", self.node_dev(i), "gso_max_segs", "1")
+        if side == "host":  # what node i downloads: dropped on arrival in its namespace
+            rule = _loss_rule(self.node_dev(i), loss_pct)
+            _run("ip", "netns", "exec", self.ns(i), "iptables", "-w", "-A", *rule)
+        else:  # what node i uploads: dropped on arrival at the SuperLink's end, in this namespace
+            rule = _loss_rule(self.host_dev(i), loss_pct)
+            _run("iptables", "-w", "-A", *rule)
+        self.loss_rules.append((i, side, rule))
+
+    def _drop_loss(self, i: int) -> None:
+        for entry in [e for e in self.loss_rules if e[0] == i]:
+            _, side, rule = entry
+            prefix = ["ip", "netns", "exec", self.ns(i)] if side == "host" else []
+            _run(*prefix, "iptables", "-w", "-D", *rule, check=False)
+            self.loss_rules.remove(entry)
+
+    def dropped(self, i: int) -> dict[str, int]:
+        """Packets the loss rules of node i dropped so far, per side ("host": on the way down to
+        the node, "node": on the way up)."""
+        out: dict[str, int] = {}
+        for j, side, rule in self.loss_rules:
+            if j != i:
+                continue
+            prefix = ["ip", "netns", "exec", self.ns(i)] if side == "host" else []
+            listing = _run(*prefix, "iptables", "-w", "-L", "INPUT", "-v", "-n", "-x").stdout
+            dev = rule[2]
+            out[side] = sum(int(line.split()[0]) for line in listing.splitlines()
+                            if f" {dev} " in f" {line} " and "statistic" in line)
+        return out
+
     def unshape(self, i: int) -> None:
+        self._drop_loss(i)
         _run("tc", "qdisc", "del", "dev", self.host_dev(i), "root", check=False)
         _run("ip", "netns", "exec", self.ns(i), "tc", "qdisc", "del", "dev", self.node_dev(i), "root", check=False)
 

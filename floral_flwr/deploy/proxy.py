@@ -8,6 +8,7 @@ from __future__ import annotations
 import queue
 import socket
 import time
+from typing import Callable
 
 
 class ByteCountingProxy:
@@ -31,6 +32,9 @@ class ByteCountingProxy:
         self.port = int(self._srv.getsockname()[1])
         self._closed = False
         self._socks: list[socket.socket] = []
+        # called with (connection number, upstream?, bytes) for every chunk forwarded (the wire
+        # analysis in benchmarks/bench_wire.py records the HTTP exchanges through it)
+        self.tap: Callable[[int, bool, bytes], None] | None = None
         threading.Thread(target=self._accept, daemon=True).start()
 
     def snapshot(self) -> tuple[int, int]:
@@ -51,9 +55,10 @@ class ByteCountingProxy:
             except OSError:
                 client.close()
                 continue
+            conn = len(self._socks) // 2
             self._socks += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, server, True, conn), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False, conn), daemon=True).start()
 
     def _count(self, n: int, upstream: bool) -> None:
         with self._lock:
@@ -62,7 +67,7 @@ class ByteCountingProxy:
             else:
                 self.down += n
 
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool, conn: int = 0) -> None:
         shaped = self.delay_s > 0 or self.rate_bit_s
         q: queue.Queue = queue.Queue()
         if shaped:
@@ -75,6 +80,8 @@ class ByteCountingProxy:
                 if not data:
                     break
                 self._count(len(data), upstream)
+                if self.tap is not None:
+                    self.tap(conn, upstream, data)
                 if shaped:
                     q.put((time.monotonic() + self.delay_s, data))
                 else:
