@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if set(seeds) & set(tune_seeds):
         print(f"[compare] error: --tune-seeds {tune_seeds} and --seeds {seeds} share "
-              f"{sorted(set(seeds) & set(tune_seeds))}: report on fresh seeds", file=sys.stderr)
+              f"{sorted(set(seeds) & set(tune_seeds))}: report on fresh seeds (one number N means seeds "
+              f"0..N-1; a single seed is written with a comma, e.g. --tune-seeds 100,)", file=sys.stderr)
         return 2
     extra = {}
     for kv in args.set:
