@@ -87,6 +87,12 @@ def extrapolate(wall_s: float, round_s: Sequence[float], target_rounds: int = TA
     return wall_s - sum(middle) + (target_rounds - 2) * middle_median(round_s)
 
 
+def round_durations(start: float, ends: Sequence[float]) -> list[float]:
+    """Per-round durations from a clock read at the start and at the end of every round
+    (round 1 includes everything before it)."""
+    return [b - a for a, b in zip([start, *ends[:-1]], ends)]
+
+
 def alternating(methods: Sequence[str], repetition: int) -> list[str]:
     """The methods in the given order on even repetitions, reversed on odd ones (A/B, B/A)."""
     return list(methods) if repetition % 2 == 0 else list(methods)[::-1]
@@ -154,12 +160,25 @@ def worker(cfg_json: str) -> None:
     torch.set_num_threads(1)  # two spinning intra-op threads on a loaded machine cost ~10x
     from floral_flwr.inline import run_inline
 
+    from floral_flwr.results import RunRecorder
+
     cfg = json.loads(cfg_json)
-    t0 = time.perf_counter()
+    # CPU seconds of this process at the end of every round (the run is single-threaded): what
+    # a round costs without the time other processes took the core away
+    cpu_at_round_end: list[float] = []
+    record_round = RunRecorder.record_round
+
+    def timed_record_round(recorder, stats, num_adaptors):
+        cpu_at_round_end.append(time.process_time())
+        return record_round(recorder, stats, num_adaptors)
+
+    RunRecorder.record_round = timed_record_round
+    cpu0, t0 = time.process_time(), time.perf_counter()
     summary, _ = run_inline(cfg, CLIENTS)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     run_dir = Path(cfg["output-dir"]) / cfg["run-name"]
-    print(RESULT_TAG + json.dumps({"wall_s": wall, "round_s": read_round_seconds(run_dir),
+    print(RESULT_TAG + json.dumps({"wall_s": wall, "cpu_s": cpu, "round_s": read_round_seconds(run_dir),
+                                   "round_cpu_s": round_durations(cpu0, cpu_at_round_end),
                                    "summary_wall_s": summary.get("wall-time-s")}), flush=True)
 
 
@@ -226,13 +245,18 @@ class TreeSampler(threading.Thread):
             time.sleep(self.period)
 
 
-def run_flwr(cfg: dict[str, Any], nice: int, timeout: float, log_path: Path) -> dict[str, Any]:
-    """One run through ``python -m floral_flwr.launch`` (flwr run, Ray simulation engine)."""
+def run_flwr(cfg: dict[str, Any], nice: int, timeout: float, log_path: Path,
+             ray_worker_niceness: int | None = None) -> dict[str, Any]:
+    """One run through ``python -m floral_flwr.launch`` (flwr run, Ray simulation engine).
+    ``ray_worker_niceness``: Ray's ``RAY_worker_niceness`` for the ClientApp actors (Ray's
+    default 15 starves them behind any other work on a shared machine); None: Ray's default."""
     marker = uuid.uuid4().hex
     home = Path(tempfile.mkdtemp(prefix="bench-paper-flwr-home-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", MARK_ENV: marker,
            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    if ray_worker_niceness is not None:
+        env["RAY_worker_niceness"] = str(ray_worker_niceness)
     cmd = [sys.executable, "-m", "floral_flwr.launch", "--num-supernodes", str(CLIENTS),
            "--run-config", run_config_text(cfg), "--timeout", str(timeout)]
     load_start = load()
@@ -247,6 +271,7 @@ def run_flwr(cfg: dict[str, Any], nice: int, timeout: float, log_path: Path) -> 
     with open(log_path, "w") as log:
         for line in proc.stdout:
             log.write(line)
+            log.flush()
             m = _ROUND_LINE.search(line)
             if m:
                 arrivals.setdefault(int(m.group(1)), time.perf_counter() - t0)
@@ -272,6 +297,29 @@ def run_flwr(cfg: dict[str, Any], nice: int, timeout: float, log_path: Path) -> 
             "peak_tree_mb": sampler.peak_tree, "procs_tree": sampler.procs_tree,
             "peak_marked_mb": sampler.peak_marked, "procs_marked": sampler.procs_marked,
             "load_start": load_start, "load_end": load()}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b"bench_paper_scale"  # gone: not a reason to wait
+
+
+def wait_while_running(pattern: str, poll: float = 60.0) -> float:
+    """Before a measured run: wait while a process whose command line matches ``pattern``
+    runs (``pgrep -f``; another timing-sensitive benchmark); returns the seconds waited."""
+    def others() -> list[int]:
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        # not this benchmark itself (its own command line names the pattern after --yield-to)
+        return [int(p) for p in found if b"bench_paper_scale" not in _cmdline(int(p))]
+
+    waited = 0.0
+    while pattern and others():
+        print(f"waiting: a '{pattern}' process is running (re-check in {poll:.0f} s)", flush=True)
+        time.sleep(poll)
+        waited += poll
+    return waited
 
 
 # ---------------------------------------------------------------------------- sweep table
@@ -304,6 +352,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         r["round1_s"] = r["round_s"][0]
         r["last_round_s"] = r["round_s"][-1]
         r["extrapolated_500_s"] = extrapolate(r["wall_s"], r["round_s"])
+        if r.get("round_cpu_s"):
+            r["median_round_cpu_s"] = middle_median(r["round_cpu_s"])
+            r["extrapolated_500_cpu_s"] = extrapolate(r["cpu_s"], r["round_cpu_s"])
     return runs
 
 
@@ -326,29 +377,34 @@ def markdown(args: argparse.Namespace, info: dict[str, Any], runs: list[dict[str
         rounds = eng[0]["rounds"]
         title = ("in-process (`run_inline`, one child process per run, 1 torch thread)" if engine == "inline"
                  else f"`flwr run` (launch, Ray simulation, {CLIENTS} SuperNodes, 2 concurrent ClientApps of 1 CPU)")
+        cpu = all("median_round_cpu_s" in r for r in eng)
         lines += [f"**{title}**, {rounds} rounds, evaluation in round {rounds}:", "",
                   "| method | aggregation | rep | s/round (median 2..R-1) | round 1 s | last round (eval) s | "
-                  "run wall s | 500 rounds extrapolated | peak RSS MiB | load 1 min start -> end |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "run wall s | 500 rounds extrapolated | " + ("CPU s/round | 500 rounds in CPU time | " if cpu else "")
+                  + "peak RSS MiB | load 1 min start -> end |",
+                  "|---|---|---|---|---|---|---|---|" + ("---|---|" if cpu else "") + "---|---|"]
         for r in eng:
             lines.append(f"| {r['method']} | {r['aggregation']} | {r['rep']} | {r['median_round_s']:.3f} | "
                          f"{r['round1_s']:.1f} | {r['last_round_s']:.1f} | {r['wall_s']:.1f} | "
-                         f"{r['extrapolated_500_s'] / 60:.2f} min | {r['peak_rss_mb']:.0f} | "
-                         f"{fmt_load(r['load_start'], r['load_end'])} |")
-        lines += ["", "| aggregation | FLoRAL s/round | FedAvg s/round | FLoRAL / FedAvg (median of per-repetition ratios) "
-                  "| FLoRAL 500 rounds | FedAvg 500 rounds |", "|---|---|---|---|---|---|"]
+                         f"{r['extrapolated_500_s'] / 60:.2f} min | "
+                         + (f"{r['median_round_cpu_s']:.3f} | {r['extrapolated_500_cpu_s'] / 60:.2f} min | " if cpu else "")
+                         + f"{r['peak_rss_mb']:.0f} | {fmt_load(r['load_start'], r['load_end'])} |")
+        keys = [("median_round_s", "extrapolated_500_s", "wall")]
+        if cpu:
+            keys.append(("median_round_cpu_s", "extrapolated_500_cpu_s", "CPU time"))
+        lines += ["", "| aggregation | clock | FLoRAL s/round | FedAvg s/round | FLoRAL / FedAvg (median of "
+                  "per-repetition ratios) | FLoRAL 500 rounds | FedAvg 500 rounds |", "|---|---|---|---|---|---|---|"]
         for agg in args.aggregations:
-            fl = [r for r in eng if r["aggregation"] == agg and r["method"] == "floral"]
-            fa = [r for r in eng if r["aggregation"] == agg and r["method"] == "fedavg"]
+            fl = sorted((r for r in eng if r["aggregation"] == agg and r["method"] == "floral"), key=lambda r: r["rep"])
+            fa = sorted((r for r in eng if r["aggregation"] == agg and r["method"] == "fedavg"), key=lambda r: r["rep"])
             if not fl or not fa:
                 continue
-            ratios = [a["median_round_s"] / b["median_round_s"] for a, b in zip(
-                sorted(fl, key=lambda r: r["rep"]), sorted(fa, key=lambda r: r["rep"]))]
-            lines.append(f"| {agg} | {med(r['median_round_s'] for r in fl):.3f} | "
-                         f"{med(r['median_round_s'] for r in fa):.3f} | {med(ratios):.2f} "
-                         f"({', '.join(f'{x:.2f}' for x in ratios)}) | "
-                         f"{med(r['extrapolated_500_s'] for r in fl) / 60:.2f} min | "
-                         f"{med(r['extrapolated_500_s'] for r in fa) / 60:.2f} min |")
+            for per_round, total, clock in keys:
+                ratios = [a[per_round] / b[per_round] for a, b in zip(fl, fa)]
+                lines.append(f"| {agg} | {clock} | {med(r[per_round] for r in fl):.3f} | "
+                             f"{med(r[per_round] for r in fa):.3f} | {med(ratios):.2f} "
+                             f"({', '.join(f'{x:.2f}' for x in ratios)}) | "
+                             f"{med(r[total] for r in fl) / 60:.2f} min | {med(r[total] for r in fa) / 60:.2f} min |")
         if engine == "flwr":
             lines += ["", "flwr run details: " + "; ".join(
                 f"{r['method']}/{r['aggregation']}: first round line after {r['first_round_line_s'] or float('nan'):.0f} s, "
@@ -379,10 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="in-process repetitions (order alternates)")
     ap.add_argument("--flwr-repeats", type=int, default=1)
     ap.add_argument("--aggregations", nargs="+", default=["mean", "secagg"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--engines", nargs="+", choices=("inline", "flwr"), default=["inline", "flwr"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nice", type=int, default=0, help="niceness of the measured processes")
     ap.add_argument("--flwr-timeout", type=float, default=1800.0)
+    ap.add_argument("--ray-worker-niceness", type=int, default=None,
+                    help="RAY_worker_niceness of the ClientApp actors (Ray's default: 15)")
+    ap.add_argument("--yield-to", default="", metavar="PATTERN",
+                    help="before every run, wait while `pgrep -f PATTERN` finds a process")
     ap.add_argument("--table-runs", default="", help="a sweep's runs/ folder: real 500-round wall times")
     ap.add_argument("--markdown", default="")
     ap.add_argument("--json", default="")
@@ -409,14 +470,15 @@ def main(argv: list[str] | None = None) -> int:
     for engine, rep in plan:
         rounds = args.rounds if engine == "inline" else args.flwr_rounds
         for agg in args.aggregations:
-            for method in alternating(METHODS, rep):
+            for method in alternating(args.methods, rep):
                 name = f"{engine}-{method}-{agg}-r{rep}"
                 cfg = base_config(args, rounds, method, agg, name, work)
+                waited = wait_while_running(args.yield_to)
                 if engine == "inline":
                     r = run_inline_child(cfg, args.nice)
                 else:
-                    r = run_flwr(cfg, args.nice, args.flwr_timeout, work / f"{name}.log")
-                r.update(engine=engine, method=method, aggregation=agg, rep=rep, rounds=rounds)
+                    r = run_flwr(cfg, args.nice, args.flwr_timeout, work / f"{name}.log", args.ray_worker_niceness)
+                r.update(engine=engine, method=method, aggregation=agg, rep=rep, rounds=rounds, waited_s=waited)
                 summarize([r])
                 runs.append(r)
                 print(f"{name}: {r['median_round_s']:.3f} s/round, round 1 {r['round1_s']:.1f} s, wall "
