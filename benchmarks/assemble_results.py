@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["app", "layer", "data", "methods", "perf", "deploy", "secagg", "robust", "text", "edge"]
+ORDER = ["app", "layer", "data", "methods", "perf", "deploy", "secagg", "robust", "text", "edge", "paper_scale"]
 
 
 def demote(text: str) -> str:

@@ -122,8 +122,12 @@ def run_config_text(cfg: dict[str, Any]) -> str:
 
 
 def public_argv(argv: Sequence[str], args: argparse.Namespace) -> str:
-    """The command line with this machine's data and sweep paths replaced by placeholders."""
+    """The command line with this machine's data and sweep paths replaced by placeholders
+    (output files by their names)."""
     swap = {args.data_dir: "DIR", args.table_runs: "SWEEP/runs"}
+    for out in (getattr(args, "markdown", ""), getattr(args, "json", "")):
+        if out:
+            swap[out] = Path(out).name
     return " ".join(["benchmarks/bench_paper_scale.py", *(swap.get(a, a) if a else a for a in argv[1:])])
 
 
@@ -283,7 +287,11 @@ def run_flwr(cfg: dict[str, Any], nice: int, timeout: float, log_path: Path,
     sampler.stop = True
     sampler.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"flwr run {cfg['run-name']} failed (exit {proc.returncode}); log: {log_path}")
+        text = log_path.read_text(errors="replace")
+        cause = next((ln.strip() for ln in reversed(text.splitlines()) if "run stopped:" in ln or "error:" in ln), "")
+        return {"failed": True, "exit": proc.returncode, "wall_s": wall, "cause": cause[-400:],
+                "peak_rss_mb": max(sampler.peak_tree, sampler.peak_marked), "load_start": load_start,
+                "load_end": load()}
     run_dir = run_dir or Path(cfg["output-dir"]) / cfg["run-name"]
     round_s = read_round_seconds(run_dir)
     lines = [arrivals[r] for r in sorted(arrivals)]
@@ -462,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(), "load_start": load()}
     print(f"machine: {info}; work dir {work}", flush=True)
     runs: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     plan = []
     if "inline" in args.engines:
         plan += [("inline", rep) for rep in range(args.repeats)]
@@ -479,8 +488,14 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     r = run_flwr(cfg, args.nice, args.flwr_timeout, work / f"{name}.log", args.ray_worker_niceness)
                 r.update(engine=engine, method=method, aggregation=agg, rep=rep, rounds=rounds, waited_s=waited)
+                if r.get("failed"):
+                    failed.append(r)
+                    print(f"{name}: FAILED (exit {r['exit']}) after {r['wall_s']:.0f} s: {r['cause']}", flush=True)
+                    continue
                 summarize([r])
                 runs.append(r)
+                if args.json:  # partial results survive an interrupted sweep
+                    Path(args.json).write_text(json.dumps({"runs": runs, "failed": failed}, indent=1) + "\n")
                 print(f"{name}: {r['median_round_s']:.3f} s/round, round 1 {r['round1_s']:.1f} s, wall "
                       f"{r['wall_s']:.1f} s, 500 rounds ~{r['extrapolated_500_s'] / 60:.2f} min, peak RSS "
                       f"{r['peak_rss_mb']:.0f} MiB, load {r['load_start'][0]:.1f} -> {r['load_end'][0]:.1f}",
@@ -488,12 +503,15 @@ def main(argv: list[str] | None = None) -> int:
     info["load_end"] = load()
     sweep = table_runs(Path(args.table_runs)) if args.table_runs else []
     text = markdown(args, info, runs, sweep)
+    for r in failed:
+        text += (f"\nFAILED: {r['engine']} {r['method']}/{r['aggregation']} (exit {r['exit']}, after "
+                 f"{r['wall_s']:.0f} s, load {fmt_load(r['load_start'], r['load_end'])}): {r['cause']}\n")
     print(text, flush=True)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": public_argv(sys.argv, args),
-                                               "machine": info, "runs": runs, "sweep": sweep}, indent=1) + "\n")
+                                               "machine": info, "runs": runs, "failed": failed, "sweep": sweep}, indent=1) + "\n")
     return 0
 
 

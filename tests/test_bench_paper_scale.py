@@ -84,11 +84,12 @@ def test_run_config_text_quotes_strings_only():
 def test_public_argv_hides_machine_paths():
     import argparse
 
-    args = argparse.Namespace(data_dir="/data/fmnist", table_runs="/sweeps/t/runs")
+    args = argparse.Namespace(data_dir="/data/fmnist", table_runs="/sweeps/t/runs", markdown="/tmp/x/out.md",
+                              json="")
     argv = ["/abs/path/benchmarks/bench_paper_scale.py", "--data-dir", "/data/fmnist", "--table-runs",
-            "/sweeps/t/runs", "--rounds", "25"]
+            "/sweeps/t/runs", "--rounds", "25", "--markdown", "/tmp/x/out.md"]
     assert bps.public_argv(argv, args) == ("benchmarks/bench_paper_scale.py --data-dir DIR --table-runs "
-                                           "SWEEP/runs --rounds 25")
+                                           "SWEEP/runs --rounds 25 --markdown out.md")
 
 
 def test_round_durations_from_a_clock_read_at_every_round_end():
