@@ -1,8 +1,11 @@
 """Paper scale: fmnist-label-shift (300 clients, 10 % sampled), FLoRAL vs FedAvg, in-process and `flwr run`.
 
-    OMP_NUM_THREADS=1 /work/venv/bin/python benchmarks/bench_paper_scale.py --data-dir DIR \\
-        [--rounds 25] [--repeats 2] [--aggregations mean secagg] [--flwr-rounds 10] \\
-        [--engines inline flwr] [--table-runs SWEEP/runs] [--markdown out.md] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_paper_scale.py --data-dir DIR \\
+        [--rounds 25] [--repeats 2] [--aggregations mean secagg] [--methods fedavg floral] \\
+        [--flwr-rounds 10] [--engines inline flwr] [--ray-worker-niceness 0] \\
+        [--yield-to bench_deploy.py] [--table-runs SWEEP/runs] [--markdown out.md] [--json out.json]
+
+Results and their reading: ``benchmarks/RESULTS_paper_scale.md``.
 
 ``DIR`` holds Fashion-MNIST in the hub schema (``python -m floral_flwr.data prepare
 fashion-mnist DIR``). Every run uses the task's paper preset (300 clients, 10 % sampled per
@@ -12,12 +15,16 @@ only in the last round, ``num-threads=1``.
 * ``inline``: every (method, aggregation) runs ``floral_flwr.inline.run_inline`` in a fresh
   child process of this script (``torch.set_num_threads(1)``): what one user's in-process run
   pays, data loading included; the peak RSS is that process's ``ru_maxrss`` (``os.wait4``).
+  The child also reads its CPU clock at the end of every round: the run is single-threaded,
+  so CPU seconds per round are its cost on an idle core, whatever the machine's load.
 * ``flwr``: ``python -m floral_flwr.launch --num-supernodes 300`` (private SuperLink,
   ``flwr run --stream``, Ray simulation engine with 2 concurrent ClientApps of 1 CPU); the peak
   RSS is the maximum over time of the summed RSS of the launch process and all its descendants
   (``bench_scale.tree_rss_mb``: SuperLink, SuperExec, the simulation, Ray's daemons and
   workers), sampled every 0.5 s, and cross-checked with every process that inherited this
   benchmark's marker variable (a process Ray re-parents out of the tree is still counted).
+  ``--ray-worker-niceness 0``: Ray starts its actors at +15, which on a shared machine starves
+  them (and then the server's 120 s client discovery can time out; see the results file).
 
 Per round: ``round-s`` of the run's ``rounds.csv`` (the train phase plus, on the last round,
 the evaluation), the same clock the printed round lines use; the figure is the median over
