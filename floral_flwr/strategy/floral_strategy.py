@@ -181,6 +181,7 @@ class FloralStrategy(FedAvg):
         """Flower's round loop, plus ``start_round`` (resume) and an ``on_round_end`` hook."""
         log(INFO, "Starting %s: rounds %d..%d", type(self).__name__, start_round, num_rounds)
         self.num_rounds = num_rounds
+        self.reply_timeout = float(timeout)  # also bounds the discovery query (ClientDirectory)
         self._first_round = start_round
         result = Result()
         result.arrays = initial_arrays
@@ -309,7 +310,8 @@ class FloralStrategy(FedAvg):
         """Deterministic sample of ``max(int(N * fraction), minimum)`` nodes for this round."""
         connected = wait_for_nodes(grid, max(self.min_available_nodes, minimum), self.node_wait_timeout)
         # one node list per sample: each get_node_ids is a request to the SuperLink
-        self.clients.discover(grid, poll=self.reply_poll, nodes=connected)
+        self.clients.discover(grid, timeout=getattr(self, "reply_timeout", 600.0), poll=self.reply_poll,
+                              nodes=connected)
         nodes = self.clients.candidates(grid, connected, training=salt == TRAIN_SALT, fresh=False)
         return sample_nodes(nodes, fraction, minimum, self.seed, server_round, salt)
 

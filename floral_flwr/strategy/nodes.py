@@ -90,8 +90,10 @@ class ClientDirectory:
         ]
         errors = []
         checked: list[tuple[int, dict]] = []
+        answered: set[int] = set()
         for reply in exchange(grid, msgs, timeout, poll):
             node = reply.metadata.src_node_id
+            answered.add(node)
             if reply.has_error():
                 log(WARNING, "Node %d failed the discovery query: %s", node, reply.error.reason)
                 errors.append(reply.error.reason)
@@ -110,9 +112,21 @@ class ClientDirectory:
             except InvalidReply as exc:
                 log(WARNING, "Node %d sent a discovery reply the server refuses (%s): ignored", node, exc)
                 errors.append(f"node {node}: {exc}")
+        silent = sorted(set(unknown) - answered)
         if errors and not self.client_ids:
             # no node can run the task: stop before training instead of running empty rounds
             raise ClientSetupError(f"all {len(errors)} node(s) failed to set up the task; first error: {errors[0]}")
+        if silent and not self.client_ids:
+            raise ClientSetupError(
+                f"none of the {len(silent)} connected node(s) answered the discovery query within "
+                f"{timeout:g} s (run config 'reply-timeout'): the ClientApps are not running or are "
+                f"starved of CPU; nothing can be sampled")
+        if silent:
+            # not sampled until they answer (asked again next round): say so, a smaller sample
+            # than the run asked for must never be silent
+            log(WARNING, "Discovery: %d of %d node(s) did not answer within %g s (run config "
+                "'reply-timeout'); they are not sampled until they answer: %s", len(silent), len(unknown),
+                timeout, silent[:10])
 
     def _pin_partitions(self, checked: list[tuple[int, dict]]) -> None:
         """The federation's number of partitions: the value most nodes of the first discovery
