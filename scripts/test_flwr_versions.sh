@@ -29,7 +29,7 @@ done
 # the files whose tests reach Flower internals or start real SuperLinks / SuperNodes
 FILES="test_warm_executor.py test_wire.py test_masked_sum.py test_secagg.py test_deploy.py
 test_deploy_e2e.py test_deploy_edge_e2e.py test_deploy_lockdown.py test_client_app.py
-test_eval_fold.py test_sum_only.py"
+test_eval_fold.py test_sum_only.py test_deploy_netns.py"
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
