@@ -35,6 +35,28 @@ def test_supported_flwr_versions_are_pinned_and_the_installed_one_is_among_them(
     assert flwr_pins.flwr_version_problem() is None, flwr_pins.installed_flwr_version()
 
 
+def test_the_install_requirement_admits_exactly_the_pinned_flwr_versions():
+    """pip must not resolve a flwr that every default run (``aggregation = secagg``) and the
+    warm executor refuse at start: pyproject's flwr range, the warm runtime's pins and the
+    SecAgg+ pins name the same minor versions."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    from floral_flwr.strategy.masked_sum import SUPPORTED_FLOWER
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (flwr_req,) = [r for r in map(Requirement, pyproject["project"]["dependencies"]) if r.name == "flwr"]
+    assert tuple(v.rstrip(".") for v in SUPPORTED_FLOWER) == flwr_pins.SUPPORTED_FLWR
+    for minor in flwr_pins.SUPPORTED_FLWR:
+        assert flwr_req.specifier.contains(f"{minor}.0") and flwr_req.specifier.contains(f"{minor}.9")
+    major, last = map(int, flwr_pins.SUPPORTED_FLWR[-1].split("."))
+    first_major, first = map(int, flwr_pins.SUPPORTED_FLWR[0].split("."))
+    for outside in (f"{major}.{last + 1}.0", f"{major + 1}.0.0", f"{first_major}.{first - 1}.0"):
+        assert not flwr_req.specifier.contains(outside), (str(flwr_req.specifier), outside)
+
+
 def test_an_unsupported_flwr_is_refused_before_anything_starts(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(flwr_pins, "installed_flwr_version", lambda: "9.9.0")
     with pytest.raises(DeployError, match="flwr 9.9.0 is installed.*--executor flower"):

@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 
-# the INTERNAL names both scripts use are byte-identical in flwr 1.41.0 and 1.42.0
+# every flwr module both scripts import is byte-identical in flwr 1.41.0 and 1.42.0 except
+# supercore/superexec/run_superexec.py, whose 1.41.0 copy also hands a trace carrier to the
+# task-dispatch span (tracing only; the loop and the Executor protocol are the same); both
+# versions pass the tests in scripts/test_flwr_versions.sh. pyproject's flwr range matches.
 SUPPORTED_FLWR = ("1.41", "1.42")
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # documented SuperExec knob (0.01-60 s)
 EXIT_BAD_VERSION = 2
