@@ -1,6 +1,6 @@
 """Server aggregation cost: 100 replies of a ~10 M-parameter FLoRAL model vs a numpy lower bound.
 
-    OMP_NUM_THREADS=1 /work/venv/bin/python benchmarks/bench_aggregate.py [--replies 100]
+    OMP_NUM_THREADS=1 python benchmarks/bench_aggregate.py [--replies 100]
         [--distinct 8] [--repeats 3] [--markdown out.md]
 
 Model (FLoRAL-shaped shared state, float32): 8 dense layers 1024x1024 (+ bias) as ``base.*`` and

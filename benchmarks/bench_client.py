@@ -1,7 +1,7 @@
 """Client-side costs in one process: local SGD per round by method, threads and torch.compile,
 and the per-message set-up cache.
 
-    /work/venv/bin/python benchmarks/bench_client.py [--tasks digits-label-shift cifar10-label-shift]
+    python benchmarks/bench_client.py [--tasks digits-label-shift cifar10-label-shift]
         [--threads 1 2] [--compile] [--rounds 12] [--repeats 3] [--markdown out.md]
 
 For every (task, threads, compile) cell, fedavg and floral (C = 4, rho = 0.1) are timed

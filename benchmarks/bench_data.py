@@ -1,6 +1,6 @@
 """Data-loading cost of the task suite: per client per round, first call vs cached.
 
-    /work/venv/bin/python benchmarks/bench_data.py [--rows 6000] [--clients 30] [--repeats 3]
+    python benchmarks/bench_data.py [--rows 6000] [--clients 30] [--repeats 3]
         [--out benchmarks/RESULTS_data.md]
 
 For each task it measures, in this process, after ``floral_flwr.tasks.clear_cache()``:
@@ -146,7 +146,7 @@ def main() -> None:
     lines = [
         "# Data-loading benchmark (floral_flwr.tasks)",
         "",
-        f"Command: `/work/venv/bin/python benchmarks/bench_data.py --rows {a.rows} "
+        f"Command: `python benchmarks/bench_data.py --rows {a.rows} "
         f"--clients {a.clients} --repeats {a.repeats}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
         f"Machine: {machine}.",

@@ -1,6 +1,6 @@
 """Round time of FLoRAL vs FedAvg through Flower's real simulation engine (Ray), split by phase.
 
-    OMP_NUM_THREADS=1 /work/venv/bin/python benchmarks/bench_round.py \\
+    OMP_NUM_THREADS=1 python benchmarks/bench_round.py \\
         [--task digits-label-shift] [--clients 20] [--rounds 12] [--repeats 3] \\
         [--synthetic-train 0] [--engine sim|inline] [--device cpu|cuda|auto] \\
         [--concurrency 2] [--num-gpus 0.0] [--extra "key=value ..."] [--markdown out.md]

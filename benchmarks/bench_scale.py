@@ -1,6 +1,6 @@
 """Scale: a Ray simulation with many clients (fraction-train 0.05), peak RSS of all processes.
 
-    OMP_NUM_THREADS=1 /work/venv/bin/python benchmarks/bench_scale.py \\
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py \\
         [--task synthetic-mlp] [--clients 100 1000] [--rounds 10] [--method floral] [--markdown out.md]
 
 For every client count, one ``flwr.simulation.run_simulation`` of the project's ServerApp and

@@ -57,13 +57,15 @@ def load(paths: list[Path]) -> list[dict[str, str]]:
     return list(rows.values())
 
 
-def table(rows: list[dict[str, str]], methods: list[str] | None = None) -> list[str]:
+def table(rows: list[dict[str, str]], methods: list[str] | None = None,
+          notes: dict[str, str] | None = None) -> list[str]:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     order = methods or list(dict.fromkeys(r["method"] for r in rows))
     out: list[str] = []
     for t in tasks:
         col = PAPER_COLUMN.get(t, "")
-        out += [f"### {t}" + (f" (the paper's {col} protocol)" if col else ""), "",
+        note = (notes or {}).get(t, "")
+        out += [f"### {t}" + (f" ({note})" if note else "") + (f", the paper's {col} protocol" if col else ""), "",
                 "| method | accuracy % | per seed | worst 10 % | ARI | paper " + (col or "") + " | s/round |",
                 "|---|---|---|---|---|---|---|"]
         for m in order:
@@ -89,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv", nargs="+", type=Path)
     ap.add_argument("--methods", nargs="*", default=None, help="row order (default: as found)")
+    ap.add_argument("--note", action="append", default=[], metavar="TASK=TEXT",
+                    help="a note after a task's heading, e.g. the data it ran on")
     args = ap.parse_args(argv)
-    print("\n".join(table(load(args.csv), args.methods)))
+    notes = dict(n.split("=", 1) for n in args.note)
+    print("\n".join(table(load(args.csv), args.methods, notes)))
     return 0
 
 

@@ -42,3 +42,5 @@ def test_mean_sample_std_paper_column_and_ari_only_where_a_cluster_is_chosen(tmp
     assert "1.00 / 1.00 / 1.00" in floral and "89.7 (3.2)" in floral  # the paper's MNIST-LS FLoRAL(1%)
     assert "| – | 25.8 (2.4) |" in fedavg  # no ARI for a method without a cluster choice
     assert any("MNIST-LS protocol" in l for l in lines)
+    noted = paper_table.table(paper_table.load([a]), ["floral"], {"fmnist-label-shift": "Fashion-MNIST"})
+    assert noted[0] == "### fmnist-label-shift (Fashion-MNIST), the paper's MNIST-LS protocol"
