@@ -81,7 +81,8 @@ def table(rows: list[dict[str, str]], methods: list[str] | None = None,
             seeds = ",".join(r["seed"] for r in rs)
             rs_mu, _ = _mean_std([_f(r.get("round-s", "")) for r in rs])
             paper = PAPER.get(m, {}).get(col, "–")
-            out.append(f"| {m} | {100 * mu:.1f} ± {100 * sd:.1f} (n={len(rs)}) | {per_seed} (seeds {seeds}) | "
+            spread = f"{100 * mu:.1f} ± {100 * sd:.1f}" if len(rs) > 1 else f"{100 * mu:.1f}"  # no std of one
+            out.append(f"| {m} | {spread} (n={len(rs)}) | {per_seed} (seeds {seeds}) | "
                        f"{100 * w_mu:.1f} | {ari_s} | {paper} | {rs_mu:.2f} |")
         out.append("")
     return out
