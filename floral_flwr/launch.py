@@ -137,13 +137,49 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
+def _process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, start time, state) of every process /proc shows."""
+    table: dict[int, tuple[int, str, str]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+        table[int(d.name)] = (int(fields[1]), fields[19], fields[0])
+    return table
+
+
+def _stop_targets(mark: str, known: dict[int, str]) -> dict[int, str]:
+    """Marked processes and every descendant of them or of ``known`` still alive, as
+    pid -> start time. Descendants count because a process can lose the mark: Ray's agents
+    rename themselves (setproctitle), which overwrites the environment /proc shows."""
+    table = _process_table()
+    me = os.getpid()
+    roots = set(marked_pids(mark) or [])
+    # a known pid counts only while it is the same process (same start time) and not a zombie
+    roots |= {p for p, t in known.items() if p in table and table[p][1] == t}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), list(roots)
+    while todo:
+        p = todo.pop()
+        if p in found or p == me or p not in table:
+            continue
+        found.add(p)
+        todo += children.get(p, [])
+    return {p: table[p][1] for p in found if table[p][2] != "Z"}
+
+
 def stop_marked(mark: str, fallback: list[subprocess.Popen], term_grace: float = 4.0,
                 kill_grace: float = 10.0) -> int:
-    """Stop every process carrying ``mark``: SIGTERM, then SIGKILL what is left after
-    ``term_grace`` seconds (Ray's agents ignore SIGTERM for a while). Returns how many there
-    were. Without /proc: the process groups of ``fallback``."""
-    pids = marked_pids(mark)
-    if pids is None:  # no /proc: the process groups we created, and our direct children
+    """Stop every process carrying ``mark`` and all their descendants: SIGTERM, then SIGKILL
+    what is left after ``term_grace`` seconds (Ray's agents ignore SIGTERM for a while).
+    Returns how many there were. Without /proc: the process groups of ``fallback``."""
+    if marked_pids(mark) is None:  # no /proc: the process groups we created, and our direct children
         for p in fallback:
             try:
                 leader = os.getpgid(p.pid) == p.pid
@@ -154,19 +190,20 @@ def stop_marked(mark: str, fallback: list[subprocess.Popen], term_grace: float =
             elif p.poll() is None:
                 p.kill()
         return len(fallback)
-    n = len(pids)
-    _signal_all(pids, signal.SIGTERM)
+    targets = _stop_targets(mark, {})
+    n = len(targets)
+    _signal_all(sorted(targets), signal.SIGTERM)
     deadline = time.monotonic() + term_grace
-    while pids and time.monotonic() < deadline:
+    while targets and time.monotonic() < deadline:
         time.sleep(0.2)
-        pids = marked_pids(mark) or []
-    # SIGKILL every pass, not once: a dying parent (Ray's raylet, the simulation's worker pool)
-    # can still fork a child after the first SIGKILL went out, and that child carries the mark too.
+        targets = _stop_targets(mark, targets)
+    # SIGKILL every pass, not once: a dying parent can still fork a child after the first
+    # SIGKILL went out, and that child is a descendant (or carries the mark) too.
     deadline = time.monotonic() + kill_grace
-    while pids and time.monotonic() < deadline:
-        _signal_all(pids, signal.SIGKILL)
+    while targets and time.monotonic() < deadline:
+        _signal_all(sorted(targets), signal.SIGKILL)
         time.sleep(0.2)
-        pids = marked_pids(mark) or []
+        targets = _stop_targets(mark, targets)
     for p in fallback:  # reap our direct children
         try:
             p.wait(timeout=1)
