@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +57,28 @@ TODAY = NodeRuntime(executor="flower", node_poll=0, task_poll=1.0)
 WARM = NodeRuntime()
 WARM_STOCK_WAITS = NodeRuntime(node_poll=0)  # the warm executor with flower-supernode's own 3 s / 0.5 s waits
 LINKS = [(0.0, None), (0.025, 10e6), (0.05, 5e6), (0.1, 1e6)]  # one-way delay s, bit/s per direction
+
+
+def follow_marking_rounds(d: Deployment, run_id: str, run_dir: Path, mark: Any) -> tuple[str, dict[int, Any]]:
+    """Follow the run to its end while a watcher records ``mark()`` the first moment
+    ``run_dir/rounds.csv`` holds each number of rounds (it grows by one row per round):
+    (the run's final status, rounds recorded -> ``mark()`` then)."""
+    marks: dict[int, Any] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        p = run_dir / "rounds.csv"
+        while not stop.is_set():
+            done = max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
+            marks.setdefault(done, mark())
+            stop.wait(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    status, _ = d.follow(run_id, 7200)
+    stop.set()
+    watcher.join()
+    return status, marks
 
 
 def _cfg(out: Path, name: str, rounds: int, extra: str) -> str:
@@ -129,21 +152,8 @@ def deployment(out: Path, name: str, nodes: int, partitions: int, rounds: int, e
                                            runtime=runtime, proxy_delay_s=delay_s, proxy_rate_bit_s=rate) as d:
         d.wait_warm()
         run_id = d.submit(ROOT, _cfg(out, name, rounds, f"{extra} {poll} min-available-nodes={nodes}"))
-        marks: dict[int, tuple[int, int]] = {}  # rounds recorded -> proxy byte counts at that moment
-        stop = threading.Event()
-
-        def watch() -> None:  # rounds.csv grows by one row per round: snapshot the proxy then
-            p = out / name / "rounds.csv"
-            while not stop.is_set():
-                done = max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
-                marks.setdefault(done, d.byte_counter.snapshot())
-                stop.wait(0.02)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        status, _ = d.follow(run_id, 7200)
-        stop.set()
-        watcher.join()
+        # rounds recorded -> proxy byte counts at that moment
+        status, marks = follow_marking_rounds(d, run_id, out / name, d.byte_counter.snapshot)
         up, down = d.byte_counter.snapshot()
     res = _rounds(out / name)
     warm = [(marks[r + 1][0] - marks[r][0], marks[r + 1][1] - marks[r][1])

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_deploy import TODAY, WARM, LoadSampler, _cfg  # noqa: E402
+from bench_deploy import TODAY, WARM, LoadSampler, _cfg, follow_marking_rounds  # noqa: E402
 from flwr.proto.message_pb2 import PullObjectResponse, PushObjectRequest  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import (  # noqa: E402 - reads Flower's object head
     get_object_head_values_from_object_content)
@@ -257,21 +257,7 @@ def run(out: Path, nodes: int, rounds: int, idle: float, path: str, tls: bool = 
         time.sleep(idle)  # the fleet waits for a run: polls and heartbeats only
         idle_to = time.monotonic()
         run_id = d.submit(ROOT, _cfg(out, name, rounds, f"{extra} {poll} min-available-nodes={nodes}"))
-        marks: dict[int, float] = {}
-        stop = threading.Event()
-
-        def watch() -> None:
-            p = out / name / "rounds.csv"
-            while not stop.is_set():
-                done = max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
-                marks.setdefault(done, time.monotonic())
-                stop.wait(0.02)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        status, _ = d.follow(run_id, 7200)
-        stop.set()
-        watcher.join()
+        status, marks = follow_marking_rounds(d, run_id, out / name, time.monotonic)
     summary = json.loads((out / name / "summary.json").read_text())
     warm_windows = [(marks[r], marks[r + 1]) for r in range(1, rounds - 1) if r in marks and r + 1 in marks]
     load_s = load.summary()
