@@ -108,11 +108,16 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         pass
 
 
+def _has_proc() -> bool:
+    """Whether /proc can tell processes' environments (Linux)."""
+    return Path("/proc/self/environ").exists()
+
+
 def marked_pids(mark: str) -> list[int] | None:
     """PIDs of this user's processes whose environment holds ``MARK_ENV=mark``; None where
     /proc cannot tell (not Linux)."""
     proc = Path("/proc")
-    if not (proc / "self" / "environ").exists():
+    if not _has_proc():
         return None
     needle = f"{MARK_ENV}={mark}".encode()
     me = os.getpid()
@@ -179,7 +184,7 @@ def stop_marked(mark: str, fallback: list[subprocess.Popen], term_grace: float =
     """Stop every process carrying ``mark`` and all their descendants: SIGTERM, then SIGKILL
     what is left after ``term_grace`` seconds (Ray's agents ignore SIGTERM for a while).
     Returns how many there were. Without /proc: the process groups of ``fallback``."""
-    if marked_pids(mark) is None:  # no /proc: the process groups we created, and our direct children
+    if not _has_proc():  # no /proc: the process groups we created, and our direct children
         for p in fallback:
             try:
                 leader = os.getpgid(p.pid) == p.pid

@@ -146,6 +146,7 @@ class FloralStrategy(FedAvg):
         self._first_cause = ""
         self._keep_dtypes = DtypePin()
         self._plain_counters: dict[str, Any] | None = None  # integer entries of the last aggregate
+        self.reply_timeout = 3600.0  # start() sets the run's; it also bounds the discovery query
         self._template: dict[str, np.ndarray] | None = None
         self.stats: RoundStats = RoundStats(0)
         self.total_failures = 0
@@ -181,7 +182,7 @@ class FloralStrategy(FedAvg):
         """Flower's round loop, plus ``start_round`` (resume) and an ``on_round_end`` hook."""
         log(INFO, "Starting %s: rounds %d..%d", type(self).__name__, start_round, num_rounds)
         self.num_rounds = num_rounds
-        self.reply_timeout = float(timeout)  # also bounds the discovery query (ClientDirectory)
+        self.reply_timeout = float(timeout)
         self._first_round = start_round
         result = Result()
         result.arrays = initial_arrays
@@ -310,8 +311,7 @@ class FloralStrategy(FedAvg):
         """Deterministic sample of ``max(int(N * fraction), minimum)`` nodes for this round."""
         connected = wait_for_nodes(grid, max(self.min_available_nodes, minimum), self.node_wait_timeout)
         # one node list per sample: each get_node_ids is a request to the SuperLink
-        self.clients.discover(grid, timeout=getattr(self, "reply_timeout", 600.0), poll=self.reply_poll,
-                              nodes=connected)
+        self.clients.discover(grid, timeout=self.reply_timeout, poll=self.reply_poll, nodes=connected)
         nodes = self.clients.candidates(grid, connected, training=salt == TRAIN_SALT, fresh=False)
         return sample_nodes(nodes, fraction, minimum, self.seed, server_round, salt)
 

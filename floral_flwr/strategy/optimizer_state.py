@@ -73,6 +73,14 @@ class DtypePin:
         )
 
 
+def _adopted(strategy: Any, record: ArrayRecord) -> ArrayRecord:
+    """``record`` as the new global state, also where FedAvgM keeps its own copy of it (it
+    steps from ``current_arrays`` next round)."""
+    if isinstance(getattr(strategy, "current_arrays", None), ArrayRecord):
+        strategy.current_arrays = record
+    return record
+
+
 def snapshot_moments(strategy: Any) -> dict[str, Any] | None:
     """Copies of the server optimizer's moments before a step (None without a stateful one)."""
     if not any(hasattr(strategy, n) for n in (*MOMENT_NAMES, MOMENTUM_VECTOR)):
@@ -121,9 +129,7 @@ def hold_unused_slices(strategy: Any, before: dict[str, Any] | None, old: ArrayR
                 v[unused] = prev_mv[i][unused] if prev_mv is not None else 0.0
                 mv[i] = v
     record = ArrayRecord({k: to_array(v) for k, v in out.items()})
-    if isinstance(getattr(strategy, "current_arrays", None), ArrayRecord):
-        strategy.current_arrays = record  # FedAvgM steps from its own copy of the last state
-    return record
+    return _adopted(strategy, record)
 
 
 def integer_entries(arrays: ArrayRecord) -> dict[str, Array]:
@@ -139,9 +145,7 @@ def counters_from_aggregate(strategy: Any, new: ArrayRecord, counters: dict[str,
     if not counters or all(new[k] is a for k, a in counters.items()):
         return new
     record = ArrayRecord({k: counters.get(k, a) for k, a in new.items()})
-    if isinstance(getattr(strategy, "current_arrays", None), ArrayRecord):
-        strategy.current_arrays = record  # FedAvgM steps from its own copy of the last state
-    return record
+    return _adopted(strategy, record)
 
 
 def non_finite_keys(arrays: Any) -> list[str]:
