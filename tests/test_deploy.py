@@ -225,3 +225,21 @@ def test_a_throw_away_deployment_dies_with_its_parent(tmp_path):
     while Path(f"/proc/{child}").exists() and not _is_zombie(child) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not Path(f"/proc/{child}").exists() or _is_zombie(child)
+
+
+def test_the_fab_carries_the_app_and_nothing_else(tmp_path, monkeypatch):
+    """The FAB (what every ClientApp process receives and re-verifies) holds every module of the
+    package and the two entry points, and none of the benchmarks, results, docs or tests."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist())
+    package = {p.relative_to(ROOT).as_posix() for p in (ROOT / "floral_flwr").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert package and package <= names
+    assert {"client_app.py", "server_app.py", "README.md"} <= names
+    outside = {n for n in names if not n.startswith((".info/", "floral_flwr/"))}
+    assert outside == {"client_app.py", "server_app.py", "README.md", "pyproject.toml"}

@@ -4,6 +4,9 @@ must stay within the documented error, and the bounds must be refused with the k
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
@@ -11,6 +14,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from floral_flwr.config import ConfigError, parse_run_config
 from floral_flwr.strategy.aggregate import FloralAccumulator
+from floral_flwr.strategy.evaluation import summarize_eval
 from floral_flwr.strategy.masked_sum import (
     MAX_LEVELS,
     MODULUS,
@@ -190,3 +194,25 @@ def test_untested_flower_version_is_refused():
     check_flower_version("1.42.3")
     with pytest.raises(ConfigError, match=r"'aggregation' = 'secagg' .* 1\.41\.x / 1\.42\.x; installed flwr is 1\.43\.0"):
         check_flower_version("1.43.0")
+
+
+def test_plaintext_eval_ari_matches_sklearn_without_importing_it():
+    """'mean' mode's ARI (from each reply's assigned adaptor) is sklearn's, computed without
+    importing scikit-learn on the server (its import was 2-3 s of the first evaluation round)."""
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        n = int(rng.integers(3, 40))
+        true = rng.integers(0, int(rng.integers(2, 5)), size=n)
+        assigned = rng.integers(0, int(rng.integers(1, 6)), size=n)
+        if len(set(true)) < 2:
+            continue
+        rows = [{"accuracy": 0.5, "num-examples": 10, "loss": 1.0, "true-cluster": int(t),
+                 "assigned-adaptor": int(a)} for t, a in zip(true, assigned)]
+        got = summarize_eval(rows, "accuracy")["cluster-ari"]
+        assert got == pytest.approx(adjusted_rand_score(true, assigned), abs=1e-12)
+    code = ("import sys; from floral_flwr.strategy.evaluation import summarize_eval; "
+            "rows = [{'accuracy': 1.0, 'num-examples': 1, 'loss': 0.0, 'true-cluster': i % 2, "
+            "'assigned-adaptor': i % 3} for i in range(8)]; "
+            "print(summarize_eval(rows, 'accuracy')['cluster-ari'], 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == "False"

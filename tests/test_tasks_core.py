@@ -340,3 +340,21 @@ def test_model_parameter_counts_match_the_paper():
     assert vgg(x).shape == (2, 100) and Cifar10CNN()(x).shape == (2, 10)
     with pytest.raises(ValueError, match="norm"):
         VGG8(norm="ln")
+
+
+@pytest.mark.parametrize("name", ["digits-label-shift", "digits-rotate-reduced", "synthetic-mlp"])
+def test_preset_client_count_is_cached_as_that_count(name):
+    """The server looks the preset up with num_clients=None, a client asks for the preset K: one
+    build per process, and the same data as a fresh build with K given."""
+    import floral_flwr.tasks as tasks
+
+    preset = get_task(name, num_clients=None, seed=3)
+    assert get_task(name, num_clients=preset.num_clients, seed=3) is preset
+    tasks._TASKS.clear()
+    fresh = get_task(name, num_clients=preset.num_clients, seed=3)
+    assert fresh is not preset
+    for cid in (0, preset.num_clients - 1):
+        a, b = preset.client_data(cid), fresh.client_data(cid)
+        assert torch.equal(a.train_x, b.train_x) and torch.equal(a.train_y, b.train_y)
+        assert torch.equal(a.test_x, b.test_x) and torch.equal(a.test_y, b.test_y)
+    assert list(preset.clusters) == list(fresh.clusters)

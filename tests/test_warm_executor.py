@@ -142,6 +142,43 @@ def test_the_installed_app_dir_is_found_by_the_fab_hash(tmp_path, monkeypatch):
     assert warm_executor._installed_app_dir("ffffffff" + "0" * 56) is None
 
 
+def _fake_app(tmp_path, name: str, warm_up_body: str):
+    app = tmp_path / "apps" / f"pub.{name}.1.0.0.abcd1234"
+    app.mkdir(parents=True)
+    (app / "pyproject.toml").write_text(
+        '[project]\nname = "x"\nversion = "1.0.0"\n'
+        f'[tool.flwr.app]\npublisher = "pub"\n[tool.flwr.app.components]\nclientapp = "{name}:app"\nserverapp = "{name}:app"\n')
+    (app / f"{name}.py").write_text(
+        "from flwr.clientapp import ClientApp\napp = ClientApp()\nCALLS = []\n"
+        f"def warm_up():\n    {warm_up_body}\n")
+    return app
+
+
+def test_the_warm_parent_runs_the_apps_warm_up_once_and_survives_a_failing_one(tmp_path, capsys):
+    app = _fake_app(tmp_path, "warm_app_ok", "CALLS.append(1)")
+    try:
+        warm_executor._import_client_app(app)
+        assert sys.modules["warm_app_ok"].CALLS == [1]  # done in this (the parent) process
+        assert "ran the app's warm_up()" in capsys.readouterr().out
+    finally:
+        warm_executor._drop_app(app)
+    bad = _fake_app(tmp_path, "warm_app_bad", "raise RuntimeError('no data here')")
+    try:
+        assert warm_executor._import_client_app(bad) is sys.modules["warm_app_bad"].app
+        assert "warm_up() failed (RuntimeError('no data here'))" in capsys.readouterr().out
+    finally:
+        warm_executor._drop_app(bad)
+
+
+def test_this_apps_warm_up_decodes_the_embedded_digits_for_the_children():
+    import client_app
+    from floral_flwr.tasks import digits
+
+    digits._DIGITS.clear()
+    client_app.warm_up()
+    assert "xy" in digits._DIGITS and digits._DIGITS["xy"][0].shape == (1797, 8, 8)
+
+
 # ----------------------------------------------------------------------------- packed arrays
 
 

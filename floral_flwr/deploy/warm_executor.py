@@ -210,7 +210,25 @@ def _import_client_app(app_dir: Path) -> Any:
     from flwr.supercore.object_ref import load_app
 
     ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
-    return load_app(ref, LoadClientAppError, app_dir)
+    app = load_app(ref, LoadClientAppError, app_dir)
+    _run_warm_up(sys.modules.get(ref.partition(":")[0]))
+    return app
+
+
+def _run_warm_up(module: Any) -> None:
+    """The app module's optional ``warm_up()`` (this project's: ``client_app.warm_up``), run once
+    here so every forked child inherits what it did; an app without one is served as is, and a
+    failing one only costs the children the work it would have saved."""
+    warm_up = getattr(module, "warm_up", None)
+    if not callable(warm_up):
+        return
+    t0 = time.monotonic()
+    try:
+        warm_up()
+    except Exception as exc:  # pylint: disable=broad-except
+        _log(f"the app's warm_up() failed ({exc!r}); children do that work themselves")
+        return
+    _log(f"ran the app's warm_up() in {time.monotonic() - t0:.2f} s")
 
 
 def _reset_inherited_flwr_state() -> None:

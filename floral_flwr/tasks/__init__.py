@@ -124,6 +124,9 @@ def _get_task(name, num_clients, seed, data_dir, data_path, norm_opts, key) -> T
                          **norm_opts)
     if key is not None:
         _TASKS[key] = task
+        if num_clients is None:  # the preset's K: the same task as asking for that K explicitly
+            # (the server's preset lookup builds it with None, the clients then ask for K)
+            _TASKS[(name, task.num_clients, *key[2:])] = task
         while len(_TASKS) > _MAX_TASKS:
             _TASKS.popitem(last=False)
     return task
