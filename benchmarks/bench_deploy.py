@@ -1,7 +1,7 @@
 """Deployed round time on loopback, today's path vs the warm path, with simulation as reference;
 per-message ClientApp start-up; round time and wire bytes on shaped (edge-like) links.
 
-    python benchmarks/bench_deploy.py [--rounds 7] [--out /tmp/bench-deploy] [--only 2|6|links]
+    python benchmarks/bench_deploy.py [--rounds 7] [--out /tmp/bench-deploy] [--only 2|2warm|6|6warm|links|nodewait|evalfold]
 
 Every setting runs the same digits-label-shift run config (``aggregation='mean'``, evaluation
 only in the last round, ``num-threads=1``), so warm rounds 2..R-1 are training only (>= 5 with
@@ -20,7 +20,7 @@ mean of rounds 2..R-1 is then (training-only round + evaluation round) / 2.
 
 "2": 2 SuperNodes hosting clients 0, 1 of 4 (``fraction-train = fraction-evaluate = 0.5``: one
 client trains per round) vs a 4-client simulation; "6": 6 SuperNodes vs 6 simulated clients (all
-train). All SuperNodes talk to the SuperLink through a byte-counting loopback proxy. "nodewait": the warm
+train); "2warm" / "6warm": only the warm path of "2" / "6". All SuperNodes talk to the SuperLink through a byte-counting loopback proxy. "nodewait": the warm
 path with the stock SuperNode waits (``--node-poll 0``: what the 3 s idle wait costs). "links":
 the warm path, 2 nodes, behind the proxy shaped as edge links (one-way delay and bandwidth per
 direction, no loss: this kernel has no ``tc netem``; ``tests/test_deploy_netns.py`` uses netem
@@ -239,7 +239,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default="/tmp/bench-deploy")
-    ap.add_argument("--only", choices=["2", "6", "6warm", "links", "nodewait", "evalfold"], default=None)
+    ap.add_argument("--only", choices=["2", "2warm", "6", "6warm", "links", "nodewait", "evalfold"], default=None)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +250,9 @@ def main() -> int:
     half = "fraction-train=0.5 fraction-evaluate=0.5"
     if a.only in (None, "2"):
         results["2 nodes, today"] = deployment(out, "today2", 2, 4, a.rounds, half, TODAY)
+    if a.only in (None, "2", "2warm"):
         results["2 nodes, warm"] = deployment(out, "warm2", 2, 4, a.rounds, half, WARM)
+    if a.only in (None, "2"):
         results["2-of-4 simulation"] = simulation(out, "sim2", 4, a.rounds, half)
     if a.only in (None, "6"):
         results["6 nodes, today"] = deployment(out, "today6", 6, 6, a.rounds, "", TODAY)
