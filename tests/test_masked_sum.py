@@ -210,6 +210,10 @@ def test_plaintext_eval_ari_matches_sklearn_without_importing_it():
                  "assigned-adaptor": int(a)} for t, a in zip(true, assigned)]
         got = summarize_eval(rows, "accuracy")["cluster-ari"]
         assert got == pytest.approx(adjusted_rand_score(true, assigned), abs=1e-12)
+    # a hostile reply's label sizes nothing: true-cluster may be any validated integer
+    hostile = [{"accuracy": 0.5, "num-examples": 10, "loss": 1.0, "true-cluster": c, "assigned-adaptor": a}
+               for c, a in ((0, 0), (0, 0), (2**31 - 1, 1), (2**31 - 1, 1))]
+    assert summarize_eval(hostile, "accuracy")["cluster-ari"] == pytest.approx(1.0)
     code = ("import sys; from floral_flwr.strategy.evaluation import summarize_eval; "
             "rows = [{'accuracy': 1.0, 'num-examples': 1, 'loss': 0.0, 'true-cluster': i % 2, "
             "'assigned-adaptor': i % 3} for i in range(8)]; "

@@ -95,8 +95,12 @@ def summarize_eval(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
         if all(a is not None for a in assigned) and len(set(clusters)) > 1:
             # the same ARI as the secure tally's, from the plaintext table: no scikit-learn import
             # (2-3 s on a loaded small CPU, paid by the first evaluation round of every run)
-            table = np.zeros((max(clusters) + 1, max(assigned) + 1), dtype=np.int64)
-            np.add.at(table, (clusters, assigned), 1)
+            # labels made dense first: a reply's true-cluster may be any integer up to 2**31 - 1,
+            # which must not size the table (the ARI does not depend on the labels' values)
+            true_ids = np.unique(clusters, return_inverse=True)[1]
+            chosen_ids = np.unique(assigned, return_inverse=True)[1]
+            table = np.zeros((int(true_ids.max()) + 1, int(chosen_ids.max()) + 1), dtype=np.int64)
+            np.add.at(table, (true_ids, chosen_ids), 1)
             ari = ari_from_table(table)
             if ari is not None:
                 out["cluster-ari"] = float(ari)
