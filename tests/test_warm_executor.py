@@ -179,32 +179,6 @@ def test_this_apps_warm_up_decodes_the_embedded_digits_for_the_children():
     assert "xy" in digits._DIGITS and digits._DIGITS["xy"][0].shape == (1797, 8, 8)
 
 
-def test_a_child_does_not_unpack_a_fab_that_is_already_installed(tmp_path, monkeypatch):
-    """Flower unpacks and re-hashes the whole FAB for every message before it finds the app
-    installed; a warm child skips that for the FAB installed under the hash of the bytes it got."""
-    from pathlib import Path
-
-    from flwr.cli.build import build_fab_from_disk
-    from flwr.cli.install import install_from_fab as flowers_install
-
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
-    fab = build_fab_from_disk(Path(__file__).resolve().parents[1])
-    calls = []
-
-    def counting(fab_file, install_dir=None, skip_prompt=False):
-        calls.append(1)
-        return flowers_install(fab_file, install_dir, skip_prompt)
-
-    install = warm_executor._installed_or_install(counting)
-    first = install(fab, skip_prompt=True)  # not installed yet: Flower's own install
-    assert calls == [1] and warm_executor._install_path(fab) == first and (first / "client_app.py").is_file()
-    assert install(fab, skip_prompt=True) == first and calls == [1]  # installed: nothing unpacked
-    with pytest.raises(Exception):  # bytes that are no FAB: Flower's own install decides (refuses)
-        install(b"not a zip", skip_prompt=True)
-    assert calls == [1, 1]
-    assert warm_executor._install_path(b"not a zip") is None
-
-
 # ----------------------------------------------------------------------------- packed arrays
 
 

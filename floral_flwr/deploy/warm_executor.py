@@ -277,53 +277,10 @@ def _serve_token_in_child(spec: Any, stale_app: Path | None, t0: float) -> None:
             os._exit(code)
 
 
-def _installed_or_install(install: Any) -> Any:
-    """Flower's ``install_from_fab`` for a FAB given as bytes, except that a FAB already
-    installed under its hash is not unpacked and re-verified again. Flower's own function
-    returns that same directory when it exists (``skip_prompt``), but only after extracting
-    every file of the FAB to a temporary directory and hashing it: per message, on the
-    device's storage. The hash here is of the very bytes received, so a hit is the FAB that
-    was verified when it was installed."""
-
-    def install_from_fab(fab_file: Any, install_dir: Any = None, skip_prompt: bool = False) -> Any:
-        if isinstance(fab_file, bytes) and install_dir is None and skip_prompt:
-            installed = _install_path(fab_file)
-            if installed is not None and (installed / "pyproject.toml").is_file():
-                return installed
-        return install(fab_file, install_dir, skip_prompt)
-
-    return install_from_fab
-
-
-def _install_path(fab: bytes) -> Path | None:
-    """Where Flower installs this FAB: ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<hash[:8]>``
-    (INTERNAL layout, as ``validate_and_install`` builds it), from the FAB's own pyproject.toml
-    (one member of the zip is read, nothing is extracted); None when it cannot be read."""
-    import io
-    import tomllib
-    import zipfile
-
-    from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
-    from flwr.supercore.utils import get_flwr_home
-
-    try:
-        with zipfile.ZipFile(io.BytesIO(fab)) as archive:
-            config = tomllib.loads(archive.read("pyproject.toml").decode("utf-8"))
-        publisher = config["tool"]["flwr"]["app"]["publisher"]
-        name, version = config["project"]["name"], config["project"]["version"]
-    except Exception:  # pylint: disable=broad-except  # Flower's own install reports it
-        return None
-    digest = hashlib.sha256(fab).hexdigest()[:FAB_HASH_TRUNCATION]
-    return get_flwr_home() / APP_DIR / f"{publisher}.{name}.{version}.{digest}"
-
-
 def _client_entry(spec: Any, certificates: bytes | None) -> None:
-    """What ``flwr-clientapp`` runs (INTERNAL: ``run_clientapp`` and the
-    ``install_from_fab`` it calls)."""
-    from flwr.supernode.runtime import run_clientapp as module
+    """What ``flwr-clientapp`` runs (INTERNAL: ``run_clientapp``)."""
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    module.install_from_fab = _installed_or_install(module.install_from_fab)  # this child only
     run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
                   certificates=certificates, parent_pid=spec.parent_pid,
                   runtime_dependency_install=spec.runtime_dependency_install)
