@@ -213,7 +213,16 @@ def test_plaintext_eval_ari_matches_sklearn_without_importing_it():
     # a hostile reply's label sizes nothing: true-cluster may be any validated integer
     hostile = [{"accuracy": 0.5, "num-examples": 10, "loss": 1.0, "true-cluster": c, "assigned-adaptor": a}
                for c, a in ((0, 0), (0, 0), (2**31 - 1, 1), (2**31 - 1, 1))]
-    assert summarize_eval(hostile, "accuracy")["cluster-ari"] == pytest.approx(1.0)
+    import floral_flwr.strategy.evaluation as evaluation
+
+    shapes = []
+    real = evaluation.ari_from_table
+    evaluation.ari_from_table = lambda table: shapes.append(table.shape) or real(table)
+    try:
+        assert summarize_eval(hostile, "accuracy")["cluster-ari"] == pytest.approx(1.0)
+    finally:
+        evaluation.ari_from_table = real
+    assert shapes == [(2, 2)]
     code = ("import sys; from floral_flwr.strategy.evaluation import summarize_eval; "
             "rows = [{'accuracy': 1.0, 'num-examples': 1, 'loss': 0.0, 'true-cluster': i % 2, "
             "'assigned-adaptor': i % 3} for i in range(8)]; "

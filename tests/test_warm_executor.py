@@ -162,12 +162,14 @@ def test_the_warm_parent_runs_the_apps_warm_up_once_and_survives_a_failing_one(t
         assert "ran the app's warm_up()" in capsys.readouterr().out
     finally:
         warm_executor._drop_app(app)
-    bad = _fake_app(tmp_path, "warm_app_bad", "raise RuntimeError('no data here')")
-    try:
-        assert warm_executor._import_client_app(bad) is sys.modules["warm_app_bad"].app
-        assert "warm_up() failed (RuntimeError('no data here'))" in capsys.readouterr().out
-    finally:
-        warm_executor._drop_app(bad)
+    for name, body, shown in (("warm_app_bad", "raise RuntimeError('no data here')", "RuntimeError('no data here')"),
+                              ("warm_app_exit", "raise SystemExit(3)", "SystemExit(3)")):
+        bad = _fake_app(tmp_path, name, body)
+        try:
+            assert warm_executor._import_client_app(bad) is sys.modules[name].app
+            assert f"warm_up() failed ({shown})" in capsys.readouterr().out
+        finally:
+            warm_executor._drop_app(bad)
 
 
 def test_this_apps_warm_up_decodes_the_embedded_digits_for_the_children():

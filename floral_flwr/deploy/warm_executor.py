@@ -225,7 +225,9 @@ def _run_warm_up(module: Any) -> None:
     t0 = time.monotonic()
     try:
         warm_up()
-    except Exception as exc:  # pylint: disable=broad-except
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # pylint: disable=broad-except  # SystemExit too: the parent serves on
         _log(f"the app's warm_up() failed ({exc!r}); children do that work themselves")
         return
     _log(f"ran the app's warm_up() in {time.monotonic() - t0:.2f} s")
