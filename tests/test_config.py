@@ -225,3 +225,25 @@ def test_check_run_config_compares_the_task_with_the_number_of_clients():
         check_run_config({"task": "digits-label-shift"}, 2)
     msg = str(info.value)
     assert "at least 4 clients" in msg and "num-supernodes=20" in msg and "floral_flwr.launch" in msg
+
+
+def test_text_task_presets_and_server_caps_read_no_data(monkeypatch, tmp_path):
+    """The config parser and the server's weight caps run before (or without) the clients' data:
+    for a WordNet task neither may read the definitions (a prepared data-dir lives on the
+    clients; CI has no /usr/share/wordnet)."""
+    from floral_flwr.tasks import clear_cache, partition_sizes, task_server_presets, text, wordnet
+
+    clear_cache()
+    monkeypatch.setattr(wordnet, "DEBIAN_DATA_NOUN", str(tmp_path / "absent" / "data.noun"))
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the WordNet definitions were read")
+
+    monkeypatch.setattr(wordnet, "load_definitions", no_reading)
+    monkeypatch.setattr(wordnet, "parse_data_noun", no_reading)
+    monkeypatch.setattr(text, "load_definitions", no_reading)
+    assert task_server_presets("wordnet-label-shift") == {"server-optimizer": "fedavg", "server-lr": 1.0}
+    cfg = parse_run_config({"task": "wordnet-label-shift", "data-dir": str(tmp_path / "prepared")})
+    assert cfg.train_base is False and cfg.server_optimizer == "fedavg" and cfg.server_lr == 1.0
+    assert partition_sizes("wordnet-label-shift", 4) is None  # the data are on the clients
+    assert partition_sizes("digits-label-shift", 4) is not None  # embedded: the server splits it

@@ -194,7 +194,11 @@ def task_server_presets(name: str) -> dict:
         from .images import image_extra_defaults
 
         extra = image_extra_defaults(name)
-    else:
+    elif name in TEXT_NAMES:
+        from .text import text_extra_defaults
+
+        extra = text_extra_defaults(name)
+    else:  # digits and synthetic: embedded data, decoded once per process
         extra = get_task(name, num_clients=None).extra_defaults
     return {k: extra[k] for k in ("server-optimizer", "server-lr") if k in extra}
 
@@ -219,9 +223,10 @@ def clear_cache() -> None:
 
 def partition_sizes(name: str, num_clients: int, seed: int = 0) -> Optional[list[int]]:
     """Every client's train size, computed from the task itself, or None when the server cannot
-    know it (image tasks: their data are on the clients). The server bounds each reply's weight
-    with it (:mod:`floral_flwr.strategy.bounds`) instead of trusting the client's count."""
-    if name in IMAGE_NAMES or name not in TASK_NAMES:
+    know it (image and text tasks: their data are on the clients, a prepared ``data-dir`` the
+    server need not have). The server bounds each reply's weight with it
+    (:mod:`floral_flwr.strategy.bounds`) instead of trusting the client's count."""
+    if name in IMAGE_NAMES or name in TEXT_NAMES or name not in TASK_NAMES:
         return None
     task = get_task(name, num_clients=num_clients, seed=seed)  # embedded: the clients' own split
     return [task.client_data(cid).num_train for cid in range(num_clients)]

@@ -116,7 +116,7 @@ class TextTask(Task):
         self.loss_fn = nn.CrossEntropyLoss()
         self._partition(texts, labels, per_class_limit)
         self.defaults = text_defaults(name, num_clusters=self.num_clusters)
-        self.extra_defaults = {"server-optimizer": "fedavg", "server-lr": 1.0}
+        self.extra_defaults = text_extra_defaults(name)
         self._tokenizer: Any = None
 
     # -- data
@@ -222,6 +222,12 @@ def text_defaults(name: str, **options: Any) -> dict:
     d["adapt-norm"] = False
     d["train-base"] = False
     return d
+
+
+def text_extra_defaults(name: str) -> dict:
+    """Settings outside the run-config keys (server optimizer), without loading the definitions:
+    the config parser reads them before any data exists (a prepared ``data-dir`` or none)."""
+    return {"server-optimizer": "fedavg", "server-lr": 1.0}
 
 
 def text_model_factory(name: str, **options: Any) -> Any:
