@@ -247,3 +247,12 @@ def test_text_task_presets_and_server_caps_read_no_data(monkeypatch, tmp_path):
     assert cfg.train_base is False and cfg.server_optimizer == "fedavg" and cfg.server_lr == 1.0
     assert partition_sizes("wordnet-label-shift", 4) is None  # the data are on the clients
     assert partition_sizes("digits-label-shift", 4) is not None  # embedded: the server splits it
+
+
+@pytest.mark.parametrize("task", ["digits-label-shift", "digits-rotate-reduced", "synthetic-linear", "synthetic-mlp-bn"])
+def test_server_presets_match_what_the_built_task_declares(task):
+    """``task_server_presets`` no longer builds the task; it must still say what the task says."""
+    from floral_flwr.tasks import get_task, task_server_presets
+
+    extra = get_task(task, num_clients=None).extra_defaults
+    assert task_server_presets(task) == {k: extra[k] for k in ("server-optimizer", "server-lr")}

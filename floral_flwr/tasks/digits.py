@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import (ClientData, Task, check_fraction, check_int, check_num_clients,
+from .base import (ClientData, Task, fedavg_server_preset, check_fraction, check_int, check_num_clients,
                    check_num_clusters, default_preset, even_split, normalize_options,
                    reduce_train_indices, resolve_angles, resolve_shifts, rng_for, rotate_images,
                    split_train_test)
@@ -113,7 +113,7 @@ class DigitsTask(Task):
                                        mixture_lr=1.0, adaptors=self.num_clusters, clients=20,
                                        rank=0.1)
         self.defaults["adapt-norm"] = False
-        self.extra_defaults = {"server-optimizer": "fedavg", "server-lr": 1.0}
+        self.extra_defaults = fedavg_server_preset()
         parts = even_split(len(y), self.num_clients, rng_for(self.seed, 1))
         split_rng = rng_for(self.seed, 2)
         self.train_idx, self.test_idx = [], []

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import (ClientData, Task, check_fraction, check_int, check_num_clients,
+from .base import (ClientData, Task, fedavg_server_preset, check_fraction, check_int, check_num_clients,
                    check_num_clusters, default_preset, normalize_options, reduce_train_indices,
                    resolve_angles, resolve_shifts, rng_for, rotate_images, split_train_test)
 from .manifest import read_manifest, verify_prepared
@@ -141,7 +141,7 @@ def image_defaults(name: str, num_clusters: Optional[int] = None,
 def image_extra_defaults(name: str) -> dict:
     """Paper settings outside the run-config keys of contracts.md (server optimizer)."""
     extra = ({"server-optimizer": "fedadam", "server-lr": 0.001} if name.startswith("cifar100")
-             else {"server-optimizer": "fedavg", "server-lr": 1.0})
+             else fedavg_server_preset())
     extra["test-batch-size"] = 512
     return extra
 

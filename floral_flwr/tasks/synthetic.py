@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import (ClientData, Task, check_int, check_num_clusters, default_preset,
+from .base import (ClientData, Task, fedavg_server_preset, check_int, check_num_clusters, default_preset,
                    normalize_options)
 from .models import SimpleNN, count_parameters, linear_model
 
@@ -106,7 +106,7 @@ class SyntheticTask(Task):
             rounds=rounds, batch=5 if variant == "bn" else batch, lr=lr, mixture_lr=0.1,
             adaptors=self.num_clusters, clients=K_paper)
         self.defaults["adapt-norm"] = variant == "bn"
-        self.extra_defaults = {"server-optimizer": "fedavg", "server-lr": 1.0}
+        self.extra_defaults = fedavg_server_preset()
         self._generate()
 
     # -- model

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from .base import (ClientData, Task, check_int, check_num_clients, check_num_clusters, default_preset,
-                   normalize_options, reduce_train_indices, resolve_shifts, rng_for, check_fraction)
+                   fedavg_server_preset, normalize_options, reduce_train_indices, resolve_shifts, rng_for,
+                   check_fraction)
 from .wordnet import LEXNAMES, load_definitions
 
 TEXT_BASE = ("wordnet-label-shift", "wordnet-concept-shift")
@@ -116,7 +117,7 @@ class TextTask(Task):
         self.loss_fn = nn.CrossEntropyLoss()
         self._partition(texts, labels, per_class_limit)
         self.defaults = text_defaults(name, num_clusters=self.num_clusters)
-        self.extra_defaults = text_extra_defaults(name)
+        self.extra_defaults = fedavg_server_preset()
         self._tokenizer: Any = None
 
     # -- data
@@ -222,12 +223,6 @@ def text_defaults(name: str, **options: Any) -> dict:
     d["adapt-norm"] = False
     d["train-base"] = False
     return d
-
-
-def text_extra_defaults(name: str) -> dict:
-    """Settings outside the run-config keys (server optimizer), without loading the definitions:
-    the config parser reads them before any data exists (a prepared ``data-dir`` or none)."""
-    return {"server-optimizer": "fedavg", "server-lr": 1.0}
 
 
 def text_model_factory(name: str, **options: Any) -> Any:
