@@ -111,6 +111,9 @@ DEFAULTS: dict[str, Any] = {
     "mixture-lr": AUTO,
     "momentum": 0.0,
     "weight-decay": 0.0,
+    # 0 = off, the paper's protocol; a bound stops the rare blow-up of a long run at lr 0.1
+    # (benchmarks/RESULTS_paper.md, "Why two runs diverged")
+    "grad-clip": 0.0,
     "device": "auto",
     "num-threads": 0,
     "mixed-precision": "off",
@@ -190,6 +193,7 @@ KEY_HELP: dict[str, str] = {
     "mixture-lr": "client SGD learning rate of the mixture logits",
     "momentum": "client SGD momentum",
     "weight-decay": "client weight decay on the shared weights",
+    "grad-clip": "bound on the L2 norm of each local step's gradient (over everything the step trains); 0 = off",
     "device": "auto (CUDA when available), cpu or cuda",
     "num-threads": "torch threads per ClientApp process; 0 = the CPUs reserved for it",
     "mixed-precision": "bf16: local training under bfloat16 autocast on CUDA",
@@ -257,6 +261,7 @@ class RunConfig:
     mixture_lr: float
     momentum: float
     weight_decay: float
+    grad_clip: float
     device: str
     num_threads: int
     mixed_precision: str
@@ -354,6 +359,7 @@ READERS: dict[str, Callable[[str, Any], Any]] = {
     "mixture-lr": lambda k, v: _as_float(k, v, 0.0),
     "momentum": lambda k, v: _as_float(k, v, 0.0, 1.0),
     "weight-decay": lambda k, v: _as_float(k, v, 0.0),
+    "grad-clip": lambda k, v: _as_float(k, v, 0.0),
     "device": _choice("device"),
     "num-threads": lambda k, v: _as_int(k, v, 0, 1024),
     "mixed-precision": _choice("mixed-precision"),

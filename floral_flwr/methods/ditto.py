@@ -32,7 +32,7 @@ from torch import nn
 
 from floral_flwr.methods.base import MethodSpec, ModelHandle, register
 from floral_flwr.methods.multimodel import fit_output
-from floral_flwr.methods.training import LossTracker, minibatches, proximal_term
+from floral_flwr.methods.training import LossTracker, minibatches, proximal_term, step_with_clip
 
 
 class DittoModel(nn.Module):
@@ -110,7 +110,8 @@ class DittoHandle(ModelHandle):
         return super().adapt(x, y, loss_fn, cfg, device, steps)
 
     def train_round(self, x, y, loss_fn, *, epochs, batch_size, lr, mixture_lr=0.0, momentum=0.0,  # type: ignore[override]
-                    weight_decay=0.0, proximal_mu=0.0, generator_seed=0, device="cpu", augment=None):
+                    weight_decay=0.0, grad_clip=0.0, proximal_mu=0.0, generator_seed=0, device="cpu",
+                    augment=None):
         self.ensure_personal()
         g, v = self.module.global_model, self.module.personal
         g.train()
@@ -129,7 +130,7 @@ class DittoHandle(ModelHandle):
             opt_v.zero_grad(set_to_none=True)
             lv = loss_fn(fit_output(v(xb), yb), yb)
             (lv + proximal_term(zip(v.parameters(), anchor), self.lam)).backward()
-            opt_v.step()
+            step_with_clip(opt_v, grad_clip)
             # global step (plain local SGD; FedProx term when configured)
             opt_g.zero_grad(set_to_none=True)
             lg = loss_fn(fit_output(g(xb), yb), yb)
@@ -137,7 +138,7 @@ class DittoHandle(ModelHandle):
             if proximal_mu > 0:
                 obj = obj + proximal_term(zip(g.parameters(), anchor), proximal_mu)
             obj.backward()
-            opt_g.step()
+            step_with_clip(opt_g, grad_clip)
             tracker.add(lg, int(yb.shape[0]))
         return tracker.result(n)
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from floral_flwr.methods.base import MethodSpec, register
-from floral_flwr.methods.training import LossTracker, minibatches, proximal_term
+from floral_flwr.methods.training import LossTracker, minibatches, proximal_term, step_with_clip
 
 from floral_flwr.methods.multimodel import MultiModel, MultiModelHandle, as_list, per_sample_loss
 
@@ -98,7 +98,8 @@ class FedEMHandle(MultiModelHandle):
         return q
 
     def train_round(self, x, y, loss_fn, *, epochs, batch_size, lr, mixture_lr=0.0, momentum=0.0,  # type: ignore[override]
-                    weight_decay=0.0, proximal_mu=0.0, generator_seed=0, device="cpu", augment=None):
+                    weight_decay=0.0, grad_clip=0.0, proximal_mu=0.0, generator_seed=0, device="cpu",
+                    augment=None):
         q = self.e_step(x, y, loss_fn, device).to(device)
         models = self.module.models
         params = self.model_params()
@@ -118,7 +119,7 @@ class FedEMHandle(MultiModelHandle):
             if anchors is not None:
                 obj = obj + proximal_term(anchors, proximal_mu)
             obj.backward()
-            opt.step()
+            step_with_clip(opt, grad_clip)
             tracker.add(loss, int(yb.shape[0]))
         return tracker.result(n)
 
