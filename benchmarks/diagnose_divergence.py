@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                        "median_update_l2", "max_update_l2"])
     state = {"round": 0, "t0": time.monotonic()}
 
-    def norms(content) -> dict[tuple[str, str], tuple[float, float, bool]]:
+    def norms(unpacked) -> dict[tuple[str, str], tuple[float, float, bool]]:
         out = {}
-        for rname, rec in wire.unpack_content(content).array_records.items():
+        for rname, rec in unpacked.array_records.items():
             for key, arr in rec.items():
                 v = np.asarray(wire.from_array(arr), dtype=np.float64)
                 fin = bool(np.isfinite(v).all())
@@ -89,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                                      float(np.abs(v).max()) if v.size else 0.0, fin)
         return out
 
-    def update_norm(sent, reply_content) -> float:
+    def update_norm(sent, got) -> float:
         """||reply - sent|| over the arrays both carry: the client's whole local update (every
         client is sent the same global arrays, so the first train message stands for all)."""
-        got = wire.unpack_content(reply_content)
         total = 0.0
         for rname, rec in got.array_records.items():
             if rname not in sent.array_records:
@@ -115,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                 return replies
             state["round"] += 1
             r = state["round"]
-            for (rname, key), (l2, mx, fin) in norms(train[0].content).items():
+            sent = wire.unpack_content(train[0].content)  # every client gets the same arrays
+            for (rname, key), (l2, mx, fin) in norms(sent).items():
                 arrays_w.writerow([r, rname, key, f"{l2:.6g}", f"{mx:.6g}", int(fin)])
             errors, loss_sum, n_sum, max_l2, max_loss = 0, 0.0, 0, 0.0, 0.0
-            sent = wire.unpack_content(train[0].content)
             updates: list[float] = []
             for rep in replies:
                 if rep.has_error():
@@ -131,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                         loss_sum += float(loss) * n
                         n_sum += n
                         max_loss = max(max_loss, float(loss))
-                for (_, _), (l2, _, _) in norms(rep.content).items():
+                got = wire.unpack_content(rep.content)  # once per reply, for both measures
+                for (_, _), (l2, _, _) in norms(got).items():
                     max_l2 = max(max_l2, l2)
-                updates.append(update_norm(sent, rep.content))
+                updates.append(update_norm(sent, got))
             rounds_w.writerow([r, len(replies), errors, f"{loss_sum / n_sum:.6g}" if n_sum else "nan",
                                f"{max_loss:.6g}", f"{max_l2:.6g}",
                                f"{float(np.median(updates)):.6g}" if updates else "nan",
